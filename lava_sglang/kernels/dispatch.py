@@ -1,0 +1,78 @@
+"""Which implementation a kernel call uses. The one place for this logic.
+
+Order of precedence:
+
+1. an explicit ``impl`` argument other than ``"auto"``;
+2. the environment variable ``LAVA_KERNEL_IMPL=torch|triton|flashinfer`` (for testing);
+3. automatic: ``"torch"`` for CPU tensors; on CUDA ``"flashinfer"`` for decode attention
+   when ``flashinfer`` imports, else ``"triton"``.
+
+Only decode attention has a FlashInfer implementation; for the other operations
+(repack, window scores) a request for ``"flashinfer"`` means "the GPU path" and resolves
+to ``"triton"``. ``"triton"`` on CPU tensors runs the Triton interpreter (slow, for tests).
+``"flashinfer"`` on CPU tensors is an error.
+
+Engine-free: never imports SGLang; never imports flashinfer on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+ENV_VAR = "LAVA_KERNEL_IMPL"
+IMPLS = ("torch", "triton", "flashinfer")
+#: operations and the implementations each one has
+OPS = {
+    "decode": ("torch", "triton", "flashinfer"),
+    "repack": ("torch", "triton"),
+    "window_scores": ("torch", "triton"),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def flashinfer_available() -> bool:
+    """True when ``flashinfer`` imports and CUDA is usable. Never imports it without CUDA."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import flashinfer  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def forced_impl() -> str | None:
+    """The implementation forced by ``LAVA_KERNEL_IMPL``, or None. Raises on a bad value."""
+    value = os.environ.get(ENV_VAR, "").strip().lower()
+    if not value or value == "auto":
+        return None
+    if value not in IMPLS:
+        raise ValueError(f"{ENV_VAR}={value!r}: choose one of {', '.join(IMPLS)} (or auto)")
+    return value
+
+
+def resolve_impl(op: str, device: torch.device | str, impl: str = "auto") -> str:
+    """The implementation (``"torch"``, ``"triton"`` or ``"flashinfer"``) for ``op`` on ``device``."""
+    if op not in OPS:
+        raise ValueError(f"unknown kernel op {op!r}; choose one of {', '.join(OPS)}")
+    device = torch.device(device)
+    impl = (impl or "auto").lower()
+    if impl == "auto":
+        impl = forced_impl() or "auto"
+    elif impl not in IMPLS:
+        raise ValueError(f"impl={impl!r}: choose one of auto, {', '.join(IMPLS)}")
+    if impl == "auto":
+        if device.type != "cuda":
+            return "torch"
+        if "flashinfer" in OPS[op] and flashinfer_available():
+            return "flashinfer"
+        return "triton"
+    if impl == "flashinfer":
+        if device.type != "cuda":
+            raise ValueError(f"{op}: the flashinfer implementation needs CUDA tensors, got {device}")
+        if "flashinfer" not in OPS[op]:
+            return "triton"
+    return impl

@@ -1,0 +1,71 @@
+"""SGLang plugin entry point (entry-point group ``sglang.srt.plugins``).
+
+``register()`` runs in every SGLang process, before SGLang parses arguments in the main process
+and as the first statement of the scheduler process. It
+
+1. makes SGLang's CPU engine runnable without a CPU build of ``sgl_kernel`` (``lava_sglang.cpu``),
+2. registers the hooks: the ``--kv-*`` flags (``server_args_patch``) and the engine integration
+   (``lava_sglang.engine``),
+3. applies them at once and checks that every one of them took: SGLang only logs a hook that
+   fails to apply, so with a policy other than ``none`` a missing hook stops the process with
+   one error line instead of serving silently uncompressed (or corrupted) requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+logger = logging.getLogger("lava_sglang")
+
+_registered = False
+
+
+def hook_specs():
+    """(target, function, hook type name, needed only when compression is on) for every hook."""
+    from lava_sglang import server_args_patch
+    from lava_sglang.engine import hooks as engine_hooks
+
+    specs = [
+        ("sglang.srt.server_args.ServerArgs.add_cli_args", server_args_patch.after_add_cli_args, "AFTER", False),
+        ("sglang.srt.server_args.ServerArgs.from_cli_args", server_args_patch.after_from_cli_args, "AFTER", False),
+    ]
+    specs.extend(engine_hooks.hook_specs())
+    return specs
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    _registered = True
+
+    from lava_sglang import cpu
+
+    cpu.install_if_needed()
+
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    specs = hook_specs()
+    for target, fn, kind, _ in specs:
+        HookRegistry.register(target, fn, getattr(HookType, kind))
+    # load_plugins() applies hooks right after the plugins ran; doing it here (idempotent) lets
+    # us check the outcome in the same process.
+    HookRegistry.apply_hooks()
+    missing = [target for target, _, _, _ in specs if target not in HookRegistry._patched]
+    if missing:
+        from lava_sglang.server_args_patch import config_of
+
+        try:
+            enabled = config_of(None).enabled
+        except Exception:
+            enabled = True
+        if enabled:
+            print(
+                "lava-sglang: refusing to start: these SGLang hooks failed to apply (is sglang==0.5.23 installed?): "
+                + ", ".join(missing),
+                file=sys.stderr,
+                flush=True,
+            )
+            raise SystemExit(1)
+        logger.warning("lava-sglang: hooks failed to apply (compression is off, so SGLang runs unchanged): %s", ", ".join(missing))

@@ -1,0 +1,105 @@
+"""The ``--kv-*`` command-line flags: added to SGLang's parser, validated, carried to the scheduler.
+
+``ServerArgs`` is a sealed msgspec record, so a plugin cannot add fields. The flags are added by
+an AFTER hook on ``ServerArgs.add_cli_args``; an AFTER hook on ``ServerArgs.from_cli_args``
+validates them (exit status 2 with a message naming the flag, as argparse does), stores the
+config as the bookkeeping attribute ``_lava_kv_config`` (``ServerArgs.__reduce__`` carries
+``__dict__`` to the scheduler process) and in the environment variable ``LAVA_SGLANG_KV_CONFIG``
+(inherited by spawned processes, and the way to configure ``sglang.Engine(...)`` in Python), and
+switches off the SGLang features compression cannot run with yet but the user did not ask for
+explicitly (decode CUDA graphs, mixed chunk), logging that it did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+
+from lava_sglang.config import POLICIES, POOLINGS, CompressionConfig, ConfigError
+
+logger = logging.getLogger("lava_sglang")
+
+ENV_VAR = "LAVA_SGLANG_KV_CONFIG"
+ATTR = "_lava_kv_config"
+
+_DEFAULTS = CompressionConfig()
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("KV-cache compression (lava-sglang plugin)")
+    group.add_argument(
+        "--kv-policy",
+        choices=POLICIES,
+        default=_DEFAULTS.policy,
+        help="KV-cache eviction policy applied to each request after prefill. 'none' leaves SGLang unchanged.",
+    )
+    group.add_argument(
+        "--kv-budget",
+        type=int,
+        default=_DEFAULTS.budget,
+        help="Average kept tokens per KV head per layer, observation window included "
+        "(the papers' max_capacity_prompt). Must be larger than --kv-window.",
+    )
+    group.add_argument("--kv-window", type=int, default=_DEFAULTS.window, help="Observation window: the last prompt tokens whose queries score the cache; always kept.")
+    group.add_argument("--kv-pooling", choices=POOLINGS, default=_DEFAULTS.pooling, help="Pooling of the scores along the sequence.")
+    group.add_argument("--kv-kernel-size", type=int, default=_DEFAULTS.kernel_size, help="Pooling kernel size (odd).")
+    group.add_argument("--kv-floor-alpha", type=float, default=_DEFAULTS.floor_alpha, help="Share of each head's budget guaranteed before the cross-head top-k (adakv, lava), in [0, 1].")
+    group.add_argument("--kv-pyramid-beta", type=float, default=_DEFAULTS.pyramid_beta, help="PyramidKV slope: the last layer keeps budget/beta.")
+    group.add_argument("--kv-min-prompt-len", type=int, default=_DEFAULTS.min_prompt_len, help="Prompts shorter than this are never compressed.")
+
+
+def config_from_namespace(args: argparse.Namespace) -> CompressionConfig:
+    values = {}
+    for field in dataclasses.fields(CompressionConfig):
+        dest = "kv_" + field.name
+        if hasattr(args, dest):
+            values[field.name] = getattr(args, dest)
+    return CompressionConfig(**values).validate()
+
+
+def config_of(server_args) -> CompressionConfig:
+    """The compression config of a server: from the record, else the environment, else the default."""
+    stored = getattr(server_args, ATTR, None) if server_args is not None else None
+    if stored is None:
+        stored = os.environ.get(ENV_VAR)
+    if not stored:
+        return CompressionConfig()
+    return CompressionConfig(**json.loads(stored)).validate()
+
+
+def after_add_cli_args(result, parser, *args, **kwargs):
+    add_cli_args(parser)
+    return result
+
+
+def after_from_cli_args(server_args, cls, args, *rest, **kwargs):
+    try:
+        config = config_from_namespace(args)
+    except ConfigError as exc:
+        # Same contract as argparse: usage error, exit status 2, message names the flag.
+        print(f"sglang serve: error: argument {exc}", file=sys.stderr)
+        sys.exit(2)
+    encoded = json.dumps(dataclasses.asdict(config))
+    setattr(server_args, ATTR, encoded)
+    os.environ[ENV_VAR] = encoded
+    if config.enabled:
+        adjust_server_args(server_args, config)
+    return server_args
+
+
+def adjust_server_args(server_args, config: CompressionConfig) -> None:
+    """Turn off what compression cannot run with yet, where the user did not ask for it explicitly.
+
+    Settings the user did ask for (a decode CUDA-graph backend, tensor parallelism, ...) are
+    refused at scheduler start by ``lava_sglang.engine.startup_checks``.
+    """
+    if getattr(server_args, "cuda_graph_backend_decode", None) is None and not getattr(server_args, "disable_decode_cuda_graph", False):
+        server_args.disable_decode_cuda_graph = True
+        logger.info("lava-sglang: --kv-policy %s: decode CUDA graphs disabled (compressed decode runs eagerly in v1)", config.policy)
+    if getattr(server_args, "enable_mixed_chunk", False):
+        server_args.enable_mixed_chunk = False
+        logger.warning("lava-sglang: --kv-policy %s: --enable-mixed-chunk turned off (not supported with compression in v1)", config.policy)

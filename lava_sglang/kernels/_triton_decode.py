@@ -8,6 +8,11 @@ trailing pieces of short lists are empty), walks it in tiles of ``BLOCK_N`` cell
 partial output, running max and sum (fp32).
 Stage 2, grid ``(n_pairs,)``: merges the pieces; empty lists give zeros.
 
+``tl.dot`` runs on the 16-bit inputs (fp32 accumulation) for fp16/bf16 and in exact fp32
+(``input_precision="ieee"``) for fp32 inputs. The Triton interpreter's ``tl.dot`` is wrong
+for bf16 operands (numpy has no bf16), so in the interpreter bf16 inputs take the fp32 dot
+(see :func:`._triton_utils.dot_in_fp32`); compiled kernels use the bf16 dot.
+
 The number of splits is chosen on the host from ``n_pairs`` and ``nnz`` (no device sync).
 Torch twin: :func:`lava_sglang.kernels.decode_attention.paged_decode_attention_torch`.
 """
@@ -18,9 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import cdiv, kernel, next_pow2
+from ._triton_utils import cdiv, dot_in_fp32, kernel, next_pow2
 
-NEG_BIG = -1.0e30
+NEG_BIG = tl.constexpr(-1.0e30)
 
 
 def _decode_stage1(
@@ -155,7 +160,7 @@ def paged_decode_attention_triton(
     mid_o = torch.empty((n_pairs, num_splits, BLOCK_G, BLOCK_D), **f32)
     mid_m = torch.empty((n_pairs, num_splits, BLOCK_G), **f32)
     mid_l = torch.empty((n_pairs, num_splits, BLOCK_G), **f32)
-    fp32 = q.dtype == torch.float32 or k_flat.dtype == torch.float32
+    fp32 = dot_in_fp32(q.dtype, k_flat.dtype, device=q.device)
     kernel(_decode_stage1, q.device)[(n_pairs, num_splits)](
         q, k_flat, v_flat, kv_indptr, kv_indices, mid_o, mid_m, mid_l,
         float(sm_scale), g, D,

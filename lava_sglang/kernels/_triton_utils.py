@@ -34,22 +34,74 @@ def interpret_for(device: torch.device) -> bool:
     return device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+class _Interpreted:
+    """An interpreted kernel that also runs when ``triton.language`` was imported without
+    ``TRITON_INTERPRET=1``.
+
+    In that case the standard-library helpers (``tl.max``, ``tl.sum``, ``tl.cdiv``...) are
+    compiled-mode ``JITFunction`` objects that refuse to be called from Python. While one of
+    our kernels runs in the interpreter, ``JITFunction.__call__`` is pointed at the
+    interpreter's device-function call (what those helpers are when the variable is set
+    before the import), and restored afterwards. Nothing changes when the variable was set.
+    """
+
+    def __init__(self, fn: Callable):
+        from triton.runtime.interpreter import InterpretedFunction
+
+        self._fn = InterpretedFunction(fn)
+
+    def __getitem__(self, grid):
+        launch = self._fn[grid]
+
+        def run(*args, **kwargs):
+            from triton.runtime.interpreter import InterpretedFunction
+            from triton.runtime.jit import JITFunction
+
+            if "__call__" in JITFunction.__dict__ and getattr(JITFunction.__call__, "_lava_patch", False):
+                return launch(*args, **kwargs)  # already patched (nested)
+            original = JITFunction.__dict__.get("__call__")
+            cache: dict = {}
+
+            def call(self, *a, **k):
+                f = cache.get(self.fn)
+                if f is None:
+                    f = cache[self.fn] = InterpretedFunction(self.fn)
+                return f(*a, **k)
+
+            call._lava_patch = True
+            JITFunction.__call__ = call
+            try:
+                return launch(*args, **kwargs)
+            finally:
+                JITFunction.__call__ = original
+
+        return run
+
+
 def kernel(fn: Callable, device: torch.device):
-    """The launchable Triton kernel for the plain Python kernel body ``fn`` on ``device``."""
+    """The launchable Triton kernel for the plain Python kernel body ``fn`` on ``device``:
+    ``kernel(fn, device)[grid](*args, **constexprs)``."""
     interpret = interpret_for(device)
     key = (fn, interpret)
     k = _CACHE.get(key)
     if k is None:
         if interpret:
-            from triton.runtime.interpreter import InterpretedFunction
-
-            k = InterpretedFunction(fn)
+            k = _Interpreted(fn)
         else:
             import triton
 
             k = triton.jit(fn)
         _CACHE[key] = k
     return k
+
+
+def dot_in_fp32(*dtypes: torch.dtype, device: torch.device) -> bool:
+    """Whether a kernel should upcast its ``tl.dot`` operands to fp32 (exact ``ieee`` dot):
+    for fp32 inputs, and for bf16 inputs in the interpreter, whose ``tl.dot`` mishandles
+    bf16 (numpy has no bf16 type; checked with triton 3.8)."""
+    if any(d == torch.float32 for d in dtypes):
+        return True
+    return interpret_for(device) and any(d == torch.bfloat16 for d in dtypes)
 
 
 def next_pow2(x: int) -> int:

@@ -295,7 +295,7 @@ def paged_decode_attention(
         raise ValueError(f"q must be [n_pairs, g, D] and k/v [C, D]; got {tuple(q.shape)}, {tuple(k_flat.shape)}, {tuple(v_flat.shape)}")
     if kv_indptr.numel() != q.shape[0] + 1:
         raise ValueError(f"kv_indptr has {kv_indptr.numel()} entries for {q.shape[0]} pairs")
-    which = resolve_impl("decode", q.device, impl)
+    which = resolve_impl("decode", q.device, impl, dtype=k_flat.dtype)
     if which == "torch":
         return paged_decode_attention_torch(q, k_flat, v_flat, kv_indptr, kv_indices, sm_scale)
     if which == "triton":

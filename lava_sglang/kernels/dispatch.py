@@ -5,7 +5,7 @@ Order of precedence:
 1. an explicit ``impl`` argument other than ``"auto"``;
 2. the environment variable ``LAVA_KERNEL_IMPL=torch|triton|flashinfer`` (for testing);
 3. automatic: ``"torch"`` for CPU tensors; on CUDA ``"flashinfer"`` for decode attention
-   when ``flashinfer`` imports, else ``"triton"``.
+   when ``flashinfer`` imports (and the cache is not fp32), else ``"triton"``.
 
 Only decode attention has a FlashInfer implementation; for the other operations
 (repack, window scores) a request for ``"flashinfer"`` means "the GPU path" and resolves
@@ -54,8 +54,11 @@ def forced_impl() -> str | None:
     return value
 
 
-def resolve_impl(op: str, device: torch.device | str, impl: str = "auto") -> str:
-    """The implementation (``"torch"``, ``"triton"`` or ``"flashinfer"``) for ``op`` on ``device``."""
+def resolve_impl(op: str, device: torch.device | str, impl: str = "auto", dtype: torch.dtype | None = None) -> str:
+    """The implementation (``"torch"``, ``"triton"`` or ``"flashinfer"``) for ``op`` on ``device``.
+
+    ``dtype``: the data type of the KV cache, when known; automatic selection skips
+    FlashInfer for fp32 (FlashInfer's decode kernels take fp16/bf16/fp8 caches only)."""
     if op not in OPS:
         raise ValueError(f"unknown kernel op {op!r}; choose one of {', '.join(OPS)}")
     device = torch.device(device)
@@ -67,7 +70,7 @@ def resolve_impl(op: str, device: torch.device | str, impl: str = "auto") -> str
     if impl == "auto":
         if device.type != "cuda":
             return "torch"
-        if "flashinfer" in OPS[op] and flashinfer_available():
+        if "flashinfer" in OPS[op] and dtype != torch.float32 and flashinfer_available():
             return "flashinfer"
         return "triton"
     if impl == "flashinfer":

@@ -1,0 +1,36 @@
+"""GPU kernels and their torch twins (engine-free: never imports SGLang).
+
+* :mod:`.decode_attention`: per-(request, KV head) decode attention over CSR lists of
+  cells of the flat single-head view; the index builder shared by every implementation.
+* :mod:`.repack`: in-place gather-then-scatter of kept cells.
+* :mod:`.window_scores`: batched window-attention scoring of one layer.
+* :mod:`.flashinfer_decode`: FlashInfer glue (lazy import; untested on hardware).
+* :mod:`.dispatch`: which implementation runs (``LAVA_KERNEL_IMPL`` forces one).
+
+Importing this package imports neither Triton nor FlashInfer; the Triton kernels live in
+the private ``_triton_*`` modules, imported on first use.
+"""
+
+from .decode_attention import (
+    PairIndices,
+    build_pair_indices,
+    build_pair_indices_from_lists,
+    gather_row_ranges,
+    paged_decode_attention,
+    paged_decode_attention_torch,
+)
+from .dispatch import resolve_impl
+from .repack import repack_cells, repack_cells_torch, repack_layers
+
+__all__ = [
+    "PairIndices",
+    "build_pair_indices",
+    "build_pair_indices_from_lists",
+    "gather_row_ranges",
+    "paged_decode_attention",
+    "paged_decode_attention_torch",
+    "resolve_impl",
+    "repack_cells",
+    "repack_cells_torch",
+    "repack_layers",
+]

@@ -50,7 +50,7 @@ def test_apportion_errors():
         B.apportion([float("nan"), 1], 1)
 
 
-@pytest.mark.parametrize("seed", range(200))
+@pytest.mark.parametrize("seed", range(100))
 def test_apportion_properties(seed):
     rng = random.Random(seed)
     n = rng.randint(1, 12)
@@ -187,7 +187,7 @@ def test_cross_head_ties_go_to_lower_head_then_earlier_position():
     assert B.topk_desc(torch.tensor([float("nan"), 0.0]), 1).tolist() == [1]
 
 
-@pytest.mark.parametrize("seed", range(150))
+@pytest.mark.parametrize("seed", range(80))
 def test_cross_head_properties(seed):
     g = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)

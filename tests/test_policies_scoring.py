@@ -59,12 +59,14 @@ def test_window_attention_gqa_head_mapping():
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1, 4, 1), (4, 6, 2, 50, 16), (7, 9, 3, 40, 64), (32, 8, 8, 33, 5), (5, 12, 4, 64, 128)])
-@pytest.mark.parametrize("P", [0, 1, 7])
-@pytest.mark.parametrize("chunk", [None, 1, 3, 16, 8192])
+@pytest.mark.parametrize("P", [0, 7])
+@pytest.mark.parametrize("chunk", [None, 1, 5, 8192])
 def test_window_attention_matches_naive(shape, P, chunk):
     w, hq, hkv, n, d = shape
     if P > n - w:
         pytest.skip("prefix longer than the scored range")
+    if chunk == 1 and n > 40:
+        pytest.skip("one-key chunks only on the small shapes (slow, nothing new)")
     g = torch.Generator().manual_seed(n * 31 + d)
     q = torch.randn(w, hq, d, generator=g) * 2
     k = torch.randn(n, hkv, d, generator=g) * 2

@@ -1,0 +1,167 @@
+"""Start and stop a real SGLang server with the plugin: one place for the command line and CPU flags.
+
+Used by the README's main job (``lava_sglang.demo``), the integration tests and the benchmarks.
+On a machine without CUDA it selects SGLang's CPU engine with the flags that serve correct
+generations there (DESIGN.md section 3): ``--device cpu --attention-backend torch_native
+--dtype float32`` and ``SGLANG_USE_CPU_ENGINE=1``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Iterable
+
+CPU_FLAGS = ("--device", "cpu", "--attention-backend", "torch_native", "--dtype", "float32")
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_command(model_path: str, port: int, extra_args: Iterable[str] = (), cpu: bool | None = None) -> list[str]:
+    cpu = (not cuda_available()) if cpu is None else cpu
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path), "--host", "127.0.0.1", "--port", str(port)]
+    if cpu:
+        cmd += list(CPU_FLAGS)
+    cmd += [str(a) for a in extra_args]
+    return cmd
+
+
+def server_env(cpu: bool | None = None) -> dict[str, str]:
+    cpu = (not cuda_available()) if cpu is None else cpu
+    env = dict(os.environ)
+    if cpu:
+        env["SGLANG_USE_CPU_ENGINE"] = "1"
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # A config left in the environment by an earlier in-process launch must not leak in.
+    env.pop("LAVA_SGLANG_KV_CONFIG", None)
+    return env
+
+
+def http_json(url: str, payload: dict | None = None, timeout: float = 600.0) -> dict:
+    data = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read().decode())
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+class Server:
+    """A running SGLang server (a process group we own). Use as a context manager."""
+
+    def __init__(self, model_path: str, extra_args: Iterable[str] = (), *, port: int | None = None,
+                 startup_timeout: float = 600.0, cpu: bool | None = None, log_path: str | None = None):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.command = server_command(model_path, self.port, extra_args, cpu)
+        self.env = server_env(cpu)
+        self.startup_timeout = startup_timeout
+        self.log_path = log_path or tempfile.mkstemp(prefix="lava-sglang-server-", suffix=".log")[1]
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "Server":
+        log = open(self.log_path, "w")
+        self.process = subprocess.Popen(self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        deadline = time.time() + self.startup_timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(f"server exited with status {self.process.returncode} during start-up\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health_generate", timeout=60) as r:
+                    if r.status == 200:
+                        return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            time.sleep(1.0)
+        self.stop()
+        raise ServerError(f"server did not become healthy within {self.startup_timeout:.0f} s\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "".join(Path(self.log_path).read_text(errors="replace").splitlines(True)[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def log_text(self) -> str:
+        try:
+            return Path(self.log_path).read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=timeout)
+
+    def __enter__(self) -> "Server":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # --- small HTTP helpers -------------------------------------------------------------
+    def generate(self, text: str | None = None, *, input_ids=None, max_new_tokens: int = 16, timeout: float = 600.0, **kwargs) -> dict:
+        sampling = {"max_new_tokens": max_new_tokens, "temperature": 0.0}
+        sampling.update(kwargs.pop("sampling_params", {}))
+        payload = {"sampling_params": sampling, **kwargs}
+        if input_ids is not None:
+            payload["input_ids"] = input_ids
+        else:
+            payload["text"] = text
+        return http_json(self.url + "/generate", payload, timeout=timeout)
+
+    def server_info(self) -> dict:
+        return http_json(self.url + "/server_info", timeout=60)
+
+
+def run_cli_and_capture(args: list[str], timeout: float = 300.0, cpu: bool | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m sglang.launch_server ARGS`` to completion (for flag errors and refusals).
+
+    Output goes to a file, not a pipe: SGLang's helper processes can outlive the launcher and
+    would hold a pipe open. The whole process group is killed once the launcher has exited.
+    """
+    cmd = [sys.executable, "-m", "sglang.launch_server", *args]
+    with tempfile.TemporaryFile(mode="w+") as out:
+        proc = subprocess.Popen(cmd, env=server_env(cpu), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            returncode = proc.wait(timeout=timeout)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        out.seek(0)
+        text = out.read()
+    return subprocess.CompletedProcess(cmd, returncode, text, "")

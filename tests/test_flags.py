@@ -1,0 +1,99 @@
+"""The --kv-* flags: parsing, validation (exit status 2, message names the flag), --help."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from lava_sglang.config import CompressionConfig, ConfigError
+
+
+@pytest.fixture(scope="module")
+def prepare():
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.server_args import prepare_server_args
+
+    load_plugins()
+    return lambda *flags: prepare_server_args(["--model-path", "dummy", *flags])
+
+
+def test_defaults_reach_the_record(prepare):
+    from lava_sglang.server_args_patch import config_of
+
+    config = config_of(prepare())
+    assert config == CompressionConfig()
+    assert config.policy == "none"
+
+
+def test_values_reach_the_record(prepare):
+    from lava_sglang.server_args_patch import config_of
+
+    args = prepare("--kv-policy", "lava", "--kv-budget", "256", "--kv-window", "16", "--kv-pooling", "avg",
+                   "--kv-kernel-size", "5", "--kv-floor-alpha", "0.5", "--kv-pyramid-beta", "10",
+                   "--kv-min-prompt-len", "100")
+    config = config_of(args)
+    assert config == CompressionConfig("lava", 256, 16, "avg", 5, 0.5, 10.0, 100)
+    # Survives the pickling SGLang does to hand the record to the scheduler process.
+    import pickle
+
+    assert config_of(pickle.loads(pickle.dumps(args))) == config
+
+
+def test_compression_turns_off_decode_cuda_graphs(prepare):
+    assert prepare("--kv-policy", "snapkv").disable_decode_cuda_graph is True
+    assert prepare().disable_decode_cuda_graph is False
+
+
+@pytest.mark.parametrize(
+    "flags, flag, words",
+    [
+        (["--kv-budget", "32"], "--kv-budget", "larger than the window"),
+        (["--kv-budget", "16", "--kv-window", "16"], "--kv-budget", "larger than the window"),
+        (["--kv-window", "-1"], "--kv-window", "negative"),
+        (["--kv-budget", "-5"], "--kv-budget", "negative"),
+        (["--kv-min-prompt-len", "-1"], "--kv-min-prompt-len", "negative"),
+        (["--kv-floor-alpha", "1.5"], "--kv-floor-alpha", "[0, 1]"),
+        (["--kv-floor-alpha", "-0.1"], "--kv-floor-alpha", "[0, 1]"),
+        (["--kv-kernel-size", "4"], "--kv-kernel-size", "odd"),
+        (["--kv-pyramid-beta", "0.5"], "--kv-pyramid-beta", "at least 1"),
+    ],
+)
+def test_invalid_values_exit_2_naming_the_flag(prepare, capsys, flags, flag, words):
+    with pytest.raises(SystemExit) as exc:
+        prepare(*flags)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and words in err, err
+
+
+@pytest.mark.parametrize("flags, flag", [(["--kv-policy", "h2o"], "--kv-policy"), (["--kv-pooling", "min"], "--kv-pooling"),
+                                         (["--kv-budget", "many"], "--kv-budget")])
+def test_unknown_choices_and_types_exit_2(prepare, capsys, flags, flag):
+    with pytest.raises(SystemExit) as exc:
+        prepare(*flags)
+    assert exc.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_help_lists_the_flags():
+    out = subprocess.run([sys.executable, "-m", "sglang.launch_server", "--help"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for flag in ("--kv-policy", "--kv-budget", "--kv-window", "--kv-pooling", "--kv-kernel-size", "--kv-floor-alpha",
+                 "--kv-pyramid-beta", "--kv-min-prompt-len"):
+        assert flag in out.stdout
+    assert "{none,streamingllm,snapkv,pyramidkv,adakv,lava}" in out.stdout
+
+
+def test_per_request_overrides_validate_with_request_keys():
+    base = CompressionConfig(policy="lava")
+    assert base.with_overrides({"kv_budget": 256}).budget == 256
+    with pytest.raises(ConfigError, match="kv_budget"):
+        base.with_overrides({"kv_budget": 8})
+    with pytest.raises(ConfigError, match="kv_bugdet"):
+        base.with_overrides({"kv_bugdet": 256})
+    with pytest.raises(ConfigError, match="kv_policy"):
+        base.with_overrides({"kv_policy": "h2o"})
+    with pytest.raises(ConfigError, match="kv_budget"):
+        base.with_overrides({"kv_budget": "256"})

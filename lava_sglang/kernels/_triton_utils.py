@@ -42,7 +42,9 @@ class _Interpreted:
     compiled-mode ``JITFunction`` objects that refuse to be called from Python. While one of
     our kernels runs in the interpreter, ``JITFunction.__call__`` is pointed at the
     interpreter's device-function call (what those helpers are when the variable is set
-    before the import), and restored afterwards. Nothing changes when the variable was set.
+    before the import), and restored afterwards, as are the language patches each such call
+    makes. Nothing changes when the variable was set (then Triton's own interpreter objects
+    are used, and compiled kernels cannot run in that process anyway).
     """
 
     def __init__(self, fn: Callable):
@@ -54,7 +56,7 @@ class _Interpreted:
         launch = self._fn[grid]
 
         def run(*args, **kwargs):
-            from triton.runtime.interpreter import InterpretedFunction
+            from triton.runtime.interpreter import InterpretedFunction, _patch_lang
             from triton.runtime.jit import JITFunction
 
             if "__call__" in JITFunction.__dict__ and getattr(JITFunction.__call__, "_lava_patch", False):
@@ -63,10 +65,17 @@ class _Interpreted:
             cache: dict = {}
 
             def call(self, *a, **k):
+                # what InterpretedFunction.__call__ does for a device function, except that
+                # the language patches are undone afterwards (triton leaves them in place,
+                # which would break later compiled kernels in the same process)
                 f = cache.get(self.fn)
                 if f is None:
-                    f = cache[self.fn] = InterpretedFunction(self.fn)
-                return f(*a, **k)
+                    f = cache[self.fn] = InterpretedFunction(self.fn).rewrite()
+                scope = _patch_lang(self.fn)
+                try:
+                    return f(*a, **k)
+                finally:
+                    scope.restore()
 
             call._lava_patch = True
             JITFunction.__call__ = call

@@ -21,6 +21,7 @@ from .decode_attention import (
 )
 from .dispatch import resolve_impl
 from .repack import repack_cells, repack_cells_torch, repack_layers
+from .window_scores import window_scores, window_scores_torch
 
 __all__ = [
     "PairIndices",
@@ -33,4 +34,6 @@ __all__ = [
     "repack_cells",
     "repack_cells_torch",
     "repack_layers",
+    "window_scores",
+    "window_scores_torch",
 ]

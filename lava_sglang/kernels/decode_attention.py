@@ -24,9 +24,9 @@ paths all consume its output.
 Implementations of :func:`paged_decode_attention`:
 
 * ``"torch"`` (:func:`paged_decode_attention_torch`): batched torch, no Python loop over
-  pairs, heads or tokens; pairs sorted by length, keys processed in chunks with an online
-  softmax so memory stays bounded and padding waste is at most one chunk per pair; fp32
-  accumulation. This is the CPU engine's decode path and the reference of the others.
+  pairs, heads or tokens; pairs sorted by length, keys processed in chunks (32, 32, 64, ...
+  up to ``DEFAULT_KEY_CHUNK``) with an online softmax, so memory stays bounded and a pair is
+  padded to at most about twice its length; fp32 accumulation. This is the CPU engine's decode path and the reference of the others.
 * ``"triton"``: split-K (flash-decoding) kernel plus a reduce kernel
   (:mod:`._triton_decode`).
 * ``"flashinfer"``: :mod:`.flashinfer_decode` (untested on hardware).
@@ -56,6 +56,7 @@ __all__ = [
 # Keys per chunk of the torch decode path. Memory per chunk: n_active_pairs x chunk x D
 # for K and for V (in fp32), plus n_active_pairs x g x chunk scores.
 DEFAULT_KEY_CHUNK = 512
+_MIN_CHUNK = 32
 
 
 class PairIndices(NamedTuple):
@@ -234,9 +235,10 @@ def paged_decode_attention_torch(
     ``q [n_pairs, g, D]``, ``k_flat`` / ``v_flat [C, D]``; returns ``[n_pairs, g, D]`` in
     ``q.dtype``; pairs with an empty list get zeros.
 
-    Pairs are sorted by length (descending) so that, for key chunk ``c``, the pairs that
-    still have keys are a prefix of the order; each chunk is one gather + ``bmm`` + online
-    softmax update over those pairs only.
+    Pairs are sorted by length (descending) so that, for a key chunk starting at ``c0``, the
+    pairs that still have keys are a prefix of the order; each chunk is one gather + ``bmm``
+    + online-softmax update over those pairs only. Chunks double in size from 32 keys up to
+    ``key_chunk``, so short pairs next to long ones are padded by at most about 2x.
     """
     n_pairs, g, D = q.shape
     out = torch.zeros((n_pairs, g, D), dtype=torch.float32, device=q.device)
@@ -252,16 +254,20 @@ def paged_decode_attention_torch(
     qs = q[order].to(torch.float32)  # [n, g, D]
     indices = kv_indices.to(torch.long)
 
-    chunk = max(1, min(int(key_chunk), max_len))
+    key_chunk = max(1, int(key_chunk))
     m = torch.full((n_nonempty, g), float("-inf"), dtype=torch.float32, device=q.device)
     l = torch.zeros((n_nonempty, g), dtype=torch.float32, device=q.device)
     acc = torch.zeros((n_nonempty, g, D), dtype=torch.float32, device=q.device)
-    ar = torch.arange(chunk, device=q.device)
+    ar = torch.arange(key_chunk, device=q.device)
     n_act = n_nonempty
-    for c0 in range(0, max_len, chunk):
+    c0 = 0
+    while c0 < max_len:
+        # chunk boundaries 0, 32, 64, 128, ... then every key_chunk: a pair of length L is
+        # padded to at most max(2L, L + key_chunk, 32), whatever the other lengths
+        chunk = min(key_chunk, max(_MIN_CHUNK, c0))
         while n_act > 0 and lens_host[n_act - 1] <= c0:  # pairs with no key left
             n_act -= 1
-        pos = c0 + ar  # [chunk]
+        pos = c0 + ar[:chunk]  # [chunk]
         valid = pos[None, :] < lens_sorted[:n_act, None]  # [n_act, chunk]
         # (index_select: much faster than advanced indexing on CPU)
         where = (starts[:n_act, None] + pos[None, :]).where(valid, starts[:n_act, None]).reshape(-1)
@@ -277,6 +283,7 @@ def paged_decode_attention_torch(
         l[:n_act] = l[:n_act] * alpha + p.sum(dim=-1)
         acc[:n_act] = acc[:n_act] * alpha[..., None] + torch.bmm(p, vc)
         m[:n_act] = m_new
+        c0 += chunk
     res = acc / l[..., None]
     out[order[:n_nonempty]] = res
     return out.to(q.dtype)

@@ -348,7 +348,7 @@ def test_no_flashinfer_or_sglang_import_on_cpu():
     import subprocess
     import sys
 
-    code = ("import sys, torch; import lava_sglang.kernels as K; from lava_sglang.kernels import flashinfer_decode, window_scores;"
+    code = ("import sys, torch; import lava_sglang.kernels as K; from lava_sglang.kernels import flashinfer_decode; from lava_sglang.kernels.window_scores import window_scores;"
             "q=torch.randn(2,2,64); k=torch.randn(9,64); ip=torch.tensor([0,2,3]); ix=torch.tensor([1,2,3]);"
             "ref=K.paged_decode_attention(q,k,k,ip,ix,0.1);"
             "print('flashinfer' in sys.modules, 'sglang' in sys.modules, 'triton.language' in sys.modules);"

@@ -21,7 +21,10 @@ from .decode_attention import (
 )
 from .dispatch import resolve_impl
 from .repack import repack_cells, repack_cells_torch, repack_layers
-from .window_scores import window_scores, window_scores_torch
+
+# The window scoring functions are not re-exported here: a package attribute named
+# ``window_scores`` would shadow the submodule of that name. Use
+# ``from lava_sglang.kernels.window_scores import window_scores``.
 
 __all__ = [
     "PairIndices",
@@ -34,6 +37,4 @@ __all__ = [
     "repack_cells",
     "repack_cells_torch",
     "repack_layers",
-    "window_scores",
-    "window_scores_torch",
 ]

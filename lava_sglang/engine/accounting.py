@@ -1,0 +1,62 @@
+"""Memory accounting the plugin exposes (``/server_info``) and the debug invariant checks.
+
+``snapshot`` is what tests and benchmarks read from outside: pool size, free slots, what the
+radix tree holds, and the compression totals. With ``LAVA_SGLANG_DEBUG=1`` every compression
+and release asserts that no slot is both free and referenced by a compressed request and that
+the free list has no duplicates (a double free).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from lava_sglang.engine.state import REGISTRY
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("LAVA_SGLANG_DEBUG", "").strip() not in ("", "0", "false", "no")
+
+
+def _free_slots(allocator) -> torch.Tensor:
+    parts = [getattr(allocator, "free_pages", None), getattr(allocator, "release_pages", None)]
+    parts = [p.to(torch.long).cpu() for p in parts if p is not None and p.numel()]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+
+def snapshot(scheduler) -> dict:
+    allocator = scheduler.token_to_kv_pool_allocator
+    tree = scheduler.tree_cache
+    out = {
+        "pool_size": int(getattr(allocator, "size", -1)),
+        "available_slots": int(allocator.available_size()),
+        "tree_evictable_tokens": int(tree.evictable_size()) if hasattr(tree, "evictable_size") else None,
+        "tree_protected_tokens": int(tree.protected_size()) if hasattr(tree, "protected_size") else None,
+        "live_compressed_requests": len(REGISTRY.compressed),
+        "pending_requests": len(REGISTRY.pending),
+        "held_slots_by_compressed": {s.rid: s.prefix_len + s.kept_slots for s in REGISTRY.compressed.values()},
+        **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in REGISTRY.totals.items()},
+    }
+    return out
+
+
+def check_invariants(req_to_token: torch.Tensor, allocator) -> None:
+    free = _free_slots(allocator)
+    if free.numel() != torch.unique(free).numel():
+        raise AssertionError("lava-sglang debug: a slot is on the free list twice (double free)")
+    if (free == 0).any():
+        raise AssertionError("lava-sglang debug: the padding slot 0 is on the free list")
+    for state in REGISTRY.compressed.values():
+        held = req_to_token[state.row, :state.prefix_len + state.kept_slots].to(torch.long).cpu()
+        if torch.isin(held, free).any():
+            raise AssertionError(f"lava-sglang debug: request {state.rid} references a free slot")
+        lo, hi = state.freed_range
+        if (req_to_token[state.row, lo:hi] != 0).any():
+            raise AssertionError(f"lava-sglang debug: request {state.rid} still points at freed slots")
+
+
+def debug_check(worker) -> None:
+    if debug_enabled():
+        runner = worker.model_runner
+        check_invariants(runner.req_to_token_pool.req_to_token, runner.token_to_kv_pool_allocator)

@@ -1,0 +1,89 @@
+"""Compress one prefilled request inside SGLang's KV pool: score, select, repack, free.
+
+Reads each layer's keys and values of the request from the pool (one layer at a time),
+scores them with the configured policy against the captured window queries, selects what
+each (layer, KV head) keeps, packs the kept vectors of every layer into the request's first
+``K`` private slots (the flat single-head view, DESIGN.md section 5) and returns the rest of
+the private slots to the allocator at once.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Optional
+
+import torch
+
+from lava_sglang.engine.state import CompressedRequest, PendingRequest
+from lava_sglang.kernels.repack import repack_cells
+from lava_sglang.policies import get_policy
+
+
+def packed_targets(target_slots: torch.Tensor, n_cells: int, n_kv_heads: int) -> torch.Tensor:
+    """Cell ids of the first ``n_cells`` cells of the flat view over ``target_slots``."""
+    j = torch.arange(n_cells, device=target_slots.device)
+    return target_slots[j // n_kv_heads] * n_kv_heads + (j % n_kv_heads)
+
+
+def compress_request(pending: PendingRequest, req_to_token: torch.Tensor, kv_pool, allocator,
+                     prefill_seconds: float = 0.0) -> Optional[CompressedRequest]:
+    """Compress ``pending`` in place; None when the policy keeps everything (nothing to do)."""
+    started = time.perf_counter()
+    cfg, row, P, L = pending.config, pending.row, pending.prefix_len, pending.prompt_len
+    row_slots = req_to_token[row, :L].to(torch.long)
+    n_layers = len(pending.queries)
+    policy = get_policy(cfg.policy)
+
+    scores = []
+    for layer in range(n_layers):
+        k_buf, v_buf = kv_pool.get_key_buffer(layer), kv_pool.get_value_buffer(layer)
+        keys, values = k_buf[row_slots], v_buf[row_slots]
+        scores.append(policy.score_layer(cfg, pending.queries[layer], keys, values, P))
+    selection = policy.select(cfg, scores, P, L)
+    if not selection.compressed:
+        return None
+
+    n_kv_heads = kv_pool.get_key_buffer(0).shape[1]
+    cells_per_layer = selection.kept_per_layer
+    kept_slots = max(math.ceil(c / n_kv_heads) for c in cells_per_layer)
+    if kept_slots >= L - P:
+        return None
+    target_slots = row_slots[P:P + kept_slots]
+
+    mid_cells, mid_lens = [], []
+    for layer in range(n_layers):
+        keep = selection.keep[layer]
+        src = torch.cat([row_slots[keep[h]] * n_kv_heads + h for h in range(n_kv_heads)])
+        dst = packed_targets(target_slots, src.numel(), n_kv_heads)
+        k_buf, v_buf = kv_pool.get_key_buffer(layer), kv_pool.get_value_buffer(layer)
+        head_dim = k_buf.shape[-1]
+        repack_cells(k_buf.view(-1, head_dim), v_buf.view(-1, v_buf.shape[-1]), src, dst)
+        mid_cells.append(dst)
+        mid_lens.append([int(t.numel()) for t in keep])
+
+    freed = row_slots[P + kept_slots:L].clone()
+    req_to_token[row, P + kept_slots:L] = 0
+    allocator.free(freed)
+
+    seconds = time.perf_counter() - started
+    kept_cells = sum(cells_per_layer)
+    report = {
+        "policy": cfg.policy,
+        "budget": cfg.budget,
+        "prompt_tokens": L,
+        "shared_prefix_tokens": P,
+        "compressed_tokens": L - P,
+        "kept_cells": kept_cells,
+        "private_cells": selection.private_cells,
+        "slots_held": P + kept_slots,
+        "slots_freed": int(freed.numel()),
+        "packing_efficiency": round(kept_cells / (kept_slots * n_kv_heads * n_layers), 4),
+        "layer_budget_max_over_mean": round(max(cells_per_layer) / (sum(cells_per_layer) / n_layers), 4),
+        "compression_ms": round(seconds * 1000, 2),
+        "prefill_ms": round(prefill_seconds * 1000, 2),
+    }
+    return CompressedRequest(
+        rid=pending.rid, row=row, config=cfg, prefix_len=P, prompt_len=L, kept_slots=kept_slots,
+        mid_cells=mid_cells, mid_lens=torch.tensor(mid_lens, dtype=torch.long), report=report,
+    )

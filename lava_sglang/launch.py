@@ -67,6 +67,18 @@ def http_json(url: str, payload: dict | None = None, timeout: float = 600.0) -> 
         return json.loads(response.read().decode())
 
 
+def stream_generate(url: str, payload: dict, timeout: float = 3600.0):
+    """Yield the JSON chunks of a streaming ``/generate`` request (server-sent events)."""
+    payload = {**payload, "stream": True}
+    request = urllib.request.Request(url + "/generate", data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        for raw in response:
+            line = raw.decode().strip()
+            if line.startswith("data:") and line != "data: [DONE]":
+                yield json.loads(line[5:])
+
+
 class ServerError(RuntimeError):
     pass
 

@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from lava_sglang.launch import http_json
+from lava_sglang.launch import http_json, stream_generate
 from lava_sglang.workloads import default_corpus_dir, haystack, load_corpus, passkey_task
 
 pytestmark = pytest.mark.server
@@ -119,20 +119,12 @@ def test_slots_return_to_allocator_while_decoding(servers, corpus, tokenizer):
     server = servers.get(*LAVA)
     base = wait_idle(server)
     ids = tokenizer.encode(haystack(3000, corpus, seed=301, tokenizer=tokenizer))
-    payload = {"input_ids": ids, "stream": True,
-               "sampling_params": {"max_new_tokens": 400, "temperature": 0.0, "ignore_eos": True}}
-    req = urllib.request.Request(server.url + "/generate", data=json.dumps(payload).encode(),
-                                 headers={"Content-Type": "application/json"})
+    payload = {"input_ids": ids, "sampling_params": {"max_new_tokens": 400, "temperature": 0.0, "ignore_eos": True}}
     seen = None
-    with urllib.request.urlopen(req, timeout=600) as resp:
-        for line in resp:
-            line = line.decode().strip()
-            if not line.startswith("data:") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[5:])
-            n_out = chunk["meta_info"]["completion_tokens"]
-            if seen is None and n_out >= 5:
-                seen = (memory(server), n_out)
+    for chunk in stream_generate(server.url, payload, timeout=600):
+        n_out = chunk["meta_info"]["completion_tokens"]
+        if seen is None and n_out >= 5:
+            seen = (memory(server), n_out)
     mid, n_out = seen
     in_use = mid["pool_size"] - mid["available_slots"] - mid["tree_evictable_tokens"]
     held = next(iter(mid["held_slots_by_compressed"].values()))

@@ -75,6 +75,9 @@ def before_scheduler_init(self, server_args, *args, **kwargs):
     global _SERVER_CONFIG
     config = config_of(server_args)
     _SERVER_CONFIG = config
+    from lava_sglang.engine import metrics
+
+    metrics.enable(getattr(server_args, "enable_metrics", False))
     if not config.enabled:
         return None
     from sglang.srt.arg_groups.model_override_base import resolving_view
@@ -221,6 +224,9 @@ def _finish_extend(worker, batch, elapsed: float) -> None:
         totals["kept_cells"] += state.report["kept_cells"]
         totals["freed_slots"] += state.report["slots_freed"]
         totals["compression_seconds"] += state.report["compression_ms"] / 1000
+        from lava_sglang.engine import metrics
+
+        metrics.record(state.report)
         if req.customized_info is None:
             req.customized_info = {}
         req.customized_info[META_KEY] = [dict(state.report)]
@@ -308,13 +314,17 @@ def around_release_kv_cache(original, req, tree_cache, *args, **kwargs):
     row, rid = req.kv.req_pool_idx, req.rid
     was_compressed = REGISTRY.compressed_for(row) is not None
     try:
-        return original(req, tree_cache, *args, **kwargs)
+        result = original(req, tree_cache, *args, **kwargs)
     finally:
         REGISTRY.drop(row, rid)
         if row is not None and _NOT_COMPRESSED.get(int(row)) == rid:
             del _NOT_COMPRESSED[int(row)]
         if was_compressed:
             REGISTRY.totals["released_requests"] += 1
+    from lava_sglang.engine.accounting import after_release
+
+    after_release(tree_cache, row)  # LAVA_SGLANG_DEBUG=1: invariants after every release
+    return result
 
 
 def around_is_request_level_key(original, self, key):

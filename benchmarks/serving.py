@@ -1,0 +1,249 @@
+"""Serving under memory pressure: the same workload against one server per configuration.
+
+    python benchmarks/serving.py [--requests 32] [--prompt-tokens 3000] [--output-tokens 128]
+        [--max-total-tokens 12800] [--concurrency 32] [--rate inf] [--configs none lava:128]
+        [--corpus DIR] [--quick]
+
+Every configuration gets a fresh server with the same model, flags and KV pool
+(``--max-total-tokens``) and replays the same requests (same prompts, ``ignore_eos`` outputs of
+``--output-tokens``), with at most ``--concurrency`` in flight and Poisson arrivals at ``--rate``
+requests/s (``inf``: all at once). A streaming HTTP client records TTFT and inter-token
+latencies; the server log gives the engine's view (running requests and KV usage per decode
+batch, decode throughput). Ratios to ``none`` are computed within the run.
+
+Micro-measurements in the same run: decode step time at a fixed batch of long requests
+(compressed vs full: ``--micro-batch`` requests decoding together, median over decode batches
+with exactly that many running requests), and compression time vs prefill time for 1k/2k/4k
+prompts. Writes JSON, a markdown table and PNGs to ``benchmarks/results/serving/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+from lava_sglang.launch import Server, stream_generate
+from lava_sglang.models import default_model_path
+from lava_sglang.workloads import default_corpus_dir, haystack, load_corpus
+
+OUT = Path(__file__).resolve().parent / "results" / "serving"
+DECODE_LINE = re.compile(r"Decode batch, #running-req: (\d+), #token: (\d+), token usage: ([\d.]+).*?gen throughput \(token/s\): ([\d.]+)")
+
+
+def parse_config(text: str) -> tuple[str, list[str]]:
+    if text == "none":
+        return "none", ["--kv-policy", "none"]
+    policy, _, budget = text.partition(":")
+    return text, ["--kv-policy", policy, "--kv-budget", budget or "128"]
+
+
+def pct(values, q):
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+def stream_request(url: str, ids: list[int], output_tokens: int, custom: dict | None = None) -> dict:
+    sp = {"max_new_tokens": output_tokens, "temperature": 0.0, "ignore_eos": True}
+    if custom:
+        sp["custom_params"] = custom
+    start = time.perf_counter()
+    stamps, meta = [], {}
+    last_n = 0
+    for chunk in stream_generate(url, {"input_ids": ids, "sampling_params": sp}):
+        meta = chunk["meta_info"]
+        n = meta["completion_tokens"]
+        now = time.perf_counter()
+        stamps.extend([now] * (n - last_n))
+        last_n = n
+    ttft = stamps[0] - start if stamps else None
+    itl = [b - a for a, b in zip(stamps, stamps[1:]) if b > a]
+    return {"start": start, "end": stamps[-1] if stamps else time.perf_counter(), "ttft": ttft, "itl": itl,
+            "output_tokens": last_n, "num_retractions": meta.get("num_retractions", 0),
+            "kv_compression": (meta.get("kv_compression") or [None])[0]}
+
+
+def run_workload(server: Server, prompts: list[list[int]], args) -> dict:
+    rng = random.Random(args.seed)
+    results: list = [None] * len(prompts)
+    sem = threading.Semaphore(args.concurrency)
+    threads = []
+    t0 = time.perf_counter()
+
+    def worker(i):
+        with sem:
+            results[i] = stream_request(server.url, prompts[i], args.output_tokens)
+
+    for i in range(len(prompts)):
+        if args.rate != float("inf") and i:
+            time.sleep(rng.expovariate(args.rate))
+        th = threading.Thread(target=worker, args=(i,))
+        th.start()
+        threads.append(th)
+    for th in threads:
+        th.join()
+    wall = time.perf_counter() - t0
+    log = server.log_text()
+    decode = [tuple(float(x) for x in m.groups()) for m in DECODE_LINE.finditer(log)]
+    out_tokens = sum(r["output_tokens"] for r in results)
+    reports = [r["kv_compression"] for r in results if r["kv_compression"]]
+    first_token = min(r["start"] + r["ttft"] for r in results)
+    last_token = max(r["end"] for r in results)
+    return {
+        "wall_s": wall,
+        "request_throughput": len(prompts) / wall,
+        "output_throughput": out_tokens / wall,
+        # decode phase: tokens after each request's first, over the span from the first first
+        # token to the last token (on a CPU prefill dominates the overall wall time)
+        "decode_phase_throughput": (out_tokens - len(prompts)) / max(1e-9, last_token - first_token),
+        "engine_gen_throughput_mean": statistics.mean(d[3] for d in decode) if decode else None,
+        "ttft_p50": pct([r["ttft"] for r in results], 50), "ttft_p99": pct([r["ttft"] for r in results], 99),
+        "itl_p50": pct([x for r in results for x in r["itl"]], 50), "itl_p99": pct([x for r in results for x in r["itl"]], 99),
+        "peak_running_requests": int(max((d[0] for d in decode), default=0)),
+        "peak_kv_usage": max((d[2] for d in decode), default=0.0),
+        "retractions": sum(r["num_retractions"] for r in results),
+        "compression_share_of_prefill": (statistics.median(r["compression_ms"] / r["prefill_ms"] for r in reports) if reports else None),
+        "ttfts": [r["ttft"] for r in results],
+        "itls": [x for r in results for x in r["itl"]],
+    }
+
+
+def decode_step_time(server: Server, prompts: list[list[int]], batch: int) -> float | None:
+    """Median decode step time (s) over decode batches with exactly ``batch`` running requests."""
+    mark = len(server.log_text())
+    threads = [threading.Thread(target=stream_request, args=(server.url, prompts[i], 48)) for i in range(batch)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    steps = [d for d in (tuple(float(x) for x in m.groups()) for m in DECODE_LINE.finditer(server.log_text()[mark:])) if int(d[0]) == batch and d[3] > 0]
+    return statistics.median(batch / d[3] for d in steps) if steps else None
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--prompt-tokens", type=int, default=3000)
+    p.add_argument("--output-tokens", type=int, default=128)
+    p.add_argument("--max-total-tokens", type=int, default=12800)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--rate", type=float, default=float("inf"))
+    p.add_argument("--configs", nargs="+", default=["none", "lava:128"])
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--micro-prompt-tokens", type=int, default=2000)
+    p.add_argument("--compression-lengths", type=int, nargs="+", default=[1000, 2000, 4000])
+    p.add_argument("--corpus", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="tiny run for tests: 4 requests of 600 tokens, 16 outputs")
+    p.add_argument("--out", default=str(OUT))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.requests, args.prompt_tokens, args.output_tokens = 4, 600, 16
+        args.max_total_tokens, args.micro_batch, args.micro_prompt_tokens = 3000, 2, 500
+        args.compression_lengths = [600]
+
+    model = str(default_model_path())
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    corpus_dir = args.corpus or default_corpus_dir()
+    corpus = load_corpus(corpus_dir)
+    prompts = [tok.encode(haystack(args.prompt_tokens, corpus, seed=1000 + i, tokenizer=tok) + "\n\nSummarize the text.")
+               for i in range(args.requests)]
+    micro = [tok.encode(haystack(args.micro_prompt_tokens, corpus, seed=5000 + i, tokenizer=tok)) for i in range(args.micro_batch)]
+    lengths = {n: tok.encode(haystack(n, corpus, seed=9000 + n, tokenizer=tok)) for n in args.compression_lengths}
+
+    results = {}
+    for config in args.configs:
+        name, flags = parse_config(config)
+        flags = flags + ["--max-total-tokens", str(args.max_total_tokens)]
+        print(f"[serving] {name}: starting server {' '.join(flags)}", flush=True)
+        with Server(model, flags) as server:
+            r = run_workload(server, prompts, args)
+            r["decode_step_s"] = decode_step_time(server, micro, args.micro_batch)
+            if name != "none":
+                comp = {}
+                for n, ids in lengths.items():
+                    out = server.generate(input_ids=ids, max_new_tokens=1)
+                    rep = out["meta_info"].get("kv_compression")
+                    if rep:
+                        comp[n] = {"compression_ms": rep[0]["compression_ms"], "prefill_ms": rep[0]["prefill_ms"],
+                                   "ratio": rep[0]["compression_ms"] / rep[0]["prefill_ms"]}
+                r["compression_vs_prefill"] = comp
+        results[name] = r
+        print(f"[serving] {name}: " + json.dumps({k: v for k, v in r.items() if k not in ("ttfts", "itls")}), flush=True)
+
+    ratios = {}
+    if "none" in results:
+        base = results["none"]
+        for name, r in results.items():
+            if name == "none":
+                continue
+            ratios[name] = {
+                "peak_running_requests": r["peak_running_requests"] / max(1, base["peak_running_requests"]),
+                "output_throughput": r["output_throughput"] / base["output_throughput"],
+                "decode_phase_throughput": r["decode_phase_throughput"] / base["decode_phase_throughput"],
+                "request_throughput": r["request_throughput"] / base["request_throughput"],
+                "decode_step_time": (r["decode_step_s"] / base["decode_step_s"]) if r["decode_step_s"] and base["decode_step_s"] else None,
+            }
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/serving.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    (out_dir / "serving.json").write_text(json.dumps({"command": command, "args": {k: (str(v) if isinstance(v, float) else v) for k, v in vars(args).items()},
+                                                       "corpus": str(corpus_dir), "results": results, "ratios_to_none": ratios}, indent=1))
+    keys = ["request_throughput", "output_throughput", "decode_phase_throughput", "ttft_p50", "ttft_p99", "itl_p50", "itl_p99",
+            "peak_running_requests", "peak_kv_usage", "retractions", "compression_share_of_prefill", "decode_step_s"]
+    lines = [f"Command: `{command}`", "", "| metric | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
+    for k in keys:
+        cells = []
+        for r in results.values():
+            v = r.get(k)
+            cells.append("-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)))
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    if ratios:
+        lines += ["", "Ratios to `none` (same run):", "", "| config | peak running | output tok/s | decode-phase tok/s | req/s | decode step time |",
+                  "|---|---|---|---|---|---|"]
+        for name, q in ratios.items():
+            f = lambda x: "-" if x is None else f"{x:.2f}"
+            lines.append(f"| {name} | {f(q['peak_running_requests'])} | {f(q['output_throughput'])} | {f(q['decode_phase_throughput'])} | "
+                         f"{f(q['request_throughput'])} | {f(q['decode_step_time'])} |")
+    for name, r in results.items():
+        if r.get("compression_vs_prefill"):
+            lines += ["", f"Compression vs prefill ({name}): " + ", ".join(
+                f"{n} tokens: {c['compression_ms']:.0f} / {c['prefill_ms']:.0f} ms = {100 * c['ratio']:.2f}%" for n, c in r["compression_vs_prefill"].items())]
+    (out_dir / "serving.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(1, 3, figsize=(14, 4))
+        names = list(results)
+        ax[0].bar(names, [results[n]["output_throughput"] for n in names])
+        ax[0].set(title="output tokens/s", ylabel="tok/s")
+        ax[1].bar(names, [results[n]["peak_running_requests"] for n in names])
+        ax[1].set(title=f"peak running requests (pool {args.max_total_tokens} tokens)")
+        for n in names:
+            xs = sorted(results[n]["ttfts"])
+            ax[2].plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=n)
+        ax[2].set(title="TTFT CDF", xlabel="s")
+        ax[2].legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / "serving.png", dpi=100)
+    except ImportError:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Prometheus metrics for compression (with SGLang's ``--enable-metrics``), next to SGLang's own.
+
+Created lazily in the scheduler process, after SGLang has set ``PROMETHEUS_MULTIPROC_DIR``, so
+SGLang's ``/metrics`` endpoint aggregates them like its own scheduler metrics. Labelled by policy.
+"""
+
+from __future__ import annotations
+
+_enabled = False
+_metrics = None
+
+
+def enable(flag: bool) -> None:
+    global _enabled
+    _enabled = bool(flag)
+
+
+def _get():
+    global _metrics
+    if _metrics is None:
+        from prometheus_client import Counter, Histogram
+
+        _metrics = {
+            "requests": Counter("sglang:lava_compressed_requests_total", "Requests whose KV cache was compressed", ["policy"]),
+            "kept": Counter("sglang:lava_kept_cells_total", "KV cells kept after compression (layer x head x token)", ["policy"]),
+            "freed": Counter("sglang:lava_freed_slots_total", "Token slots returned to the allocator by compression", ["policy"]),
+            "ratio": Histogram("sglang:lava_compression_ratio", "Kept cells / private cells of a compressed request", ["policy"],
+                               buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)),
+            "seconds": Histogram("sglang:lava_compression_seconds", "Time to score, select, repack and free one request", ["policy"],
+                                 buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)),
+        }
+    return _metrics
+
+
+def record(report: dict) -> None:
+    if not _enabled:
+        return
+    m, policy = _get(), report["policy"]
+    m["requests"].labels(policy=policy).inc()
+    m["kept"].labels(policy=policy).inc(report["kept_cells"])
+    m["freed"].labels(policy=policy).inc(report["slots_freed"])
+    m["ratio"].labels(policy=policy).observe(report["kept_cells"] / max(1, report["private_cells"]))
+    m["seconds"].labels(policy=policy).observe(report["compression_ms"] / 1000)

@@ -227,30 +227,48 @@ def main(argv=None) -> int:
     from lava_sglang.models import default_model_path
     from lava_sglang.workloads import default_corpus_dir, load_corpus
 
-    from benchmarks.tasks import make_samples
+    from benchmarks.tasks import make_samples, score
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-path", default=None)
-    ap.add_argument("--modes", nargs="+", default=["none", "kvpress-snapkv", "ours-snapkv"])
+    ap.add_argument("--modes", nargs="+", default=["none", "kvpress-snapkv", "ours-snapkv"],
+                    help="none | kvpress-snapkv | kvpress-adakv | ours-<policy>[:max|:avg] (pooling; default --pooling)")
     ap.add_argument("--budget", type=int, default=128)
-    ap.add_argument("--pooling", default="avg", help="pooling of the ours-* modes (kvpress SnapKV avg-pools)")
-    ap.add_argument("--task", default="passkey")
+    ap.add_argument("--pooling", default="avg", help="default pooling of the ours-* modes (kvpress SnapKV avg-pools)")
+    ap.add_argument("--tasks", nargs="+", default=["passkey"])
     ap.add_argument("--tokens", type=int, default=1500)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--protocol", default="query-aware", choices=PROTOCOLS)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--corpus", default=None)
+    ap.add_argument("--out", default=None, help="write every record (ids, text, top-20 logprobs for fidelity) as JSON")
     args = ap.parse_args(argv)
     model_path = args.model_path or str(default_model_path())
     model, tok = load_hf(model_path, args.threads)
-    corpus_name = "pg19" if args.task == "fidelity" else "paul_graham_essays"
-    corpus = load_corpus(args.corpus or default_corpus_dir(corpus_name))
-    for seed in args.seeds:
-        s = make_samples(args.task, args.tokens, 1, corpus, tok, seed0=seed)[0]
-        for mode in args.modes:
-            r = hf_generate(model, tok, s.context, s.question, s.max_new_tokens, mode=mode, budget=args.budget,
-                            protocol=args.protocol, pooling=args.pooling)
-            print(json.dumps({"seed": seed, "mode": mode, "answer": s.answers, "text": r["text"], **r["info"]}))
+    records = []
+    started = time.time()
+    for task in args.tasks:
+        corpus_name = "pg19" if task == "fidelity" else "paul_graham_essays"
+        corpus = load_corpus(args.corpus or default_corpus_dir(corpus_name))
+        for seed in args.seeds:
+            s = make_samples(task, args.tokens, 1, corpus, tok, seed0=seed)[0]
+            for mode in args.modes:
+                name, _, pooling = mode.partition(":")
+                r = hf_generate(model, tok, s.context, s.question, s.max_new_tokens, mode=name, budget=args.budget,
+                                protocol=args.protocol, pooling=pooling or args.pooling,
+                                top_logprobs=20 if task == "fidelity" else 0)
+                rec = {"task": task, "seed": seed, "n_tokens": args.tokens, "mode": mode, "budget": args.budget,
+                       "answers": s.answers, "text": r["text"], "output_ids": r["output_ids"], **r["info"]}
+                if task == "fidelity":
+                    rec["top_logprobs"] = r["top_logprobs"]
+                else:
+                    rec["score"] = score(s, r["text"])
+                records.append(rec)
+                print(json.dumps({k: v for k, v in rec.items() if k not in ("top_logprobs", "output_ids")}), flush=True)
+                if args.out:
+                    Path(args.out).write_text(json.dumps({
+                        "command": "python benchmarks/kvpress_reference.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                        "seconds": round(time.time() - started, 1), "records": records}, indent=1))
     return 0
 
 

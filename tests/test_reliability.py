@@ -1,0 +1,279 @@
+"""Reliability on the real server (CPU engine, loopback): bad input, client disconnects, retraction.
+
+One small-pool LAVa server runs every test here, with the plugin's debug invariants on
+(``LAVA_SGLANG_DEBUG=1``: after every compression and every release the scheduler asserts that
+no slot is both free and referenced and that nothing is on the free list twice). Two SGLang
+environment knobs make the faults reachable in a few seconds:
+
+* ``SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION=8`` and ``SGLANG_INIT_NEW_TOKEN_RATIO=0.05``: admission
+  reserves almost nothing for the decode tokens of new and running requests, so long
+  ``ignore_eos`` decodes outgrow the 640-slot pool and the scheduler retracts.
+* ``SGLANG_REQUEST_STATE_WAIT_TIMEOUT=1``: the server notices a client that went away while
+  nothing was streamed (prefill) within a second instead of four.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from lava_sglang.launch import http_json
+from lava_sglang.workloads import default_corpus_dir, haystack, load_corpus
+
+pytestmark = pytest.mark.server
+
+POOL = 640
+FLAGS = ("--kv-policy", "lava", "--kv-budget", "64", "--max-total-tokens", str(POOL), "--chunked-prefill-size", "64")
+ENV = {"LAVA_SGLANG_DEBUG": "1", "SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION": "8", "SGLANG_INIT_NEW_TOKEN_RATIO": "0.05",
+       "SGLANG_REQUEST_STATE_WAIT_TIMEOUT": "1"}
+NONE = ("--kv-policy", "none")
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return load_corpus(default_corpus_dir())
+
+
+@pytest.fixture(scope="module")
+def server(servers):
+    saved = {k: os.environ.get(k) for k in ENV}
+    os.environ.update(ENV)  # Server copies os.environ when it is constructed
+    try:
+        return servers.get(*FLAGS)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def prompt_ids(tokenizer, corpus, n_tokens, seed):
+    return tokenizer.encode(f"Document {seed}. " + haystack(n_tokens, corpus, seed=seed, tokenizer=tokenizer))
+
+
+def memory(server):
+    return server.server_info()["internal_states"][0]["kv_compression"]
+
+
+def wait_idle(server, timeout=120.0):
+    deadline = time.time() + timeout
+    m = memory(server)
+    while time.time() < deadline:
+        if m["live_compressed_requests"] == 0 and m["pending_requests"] == 0 and m["tree_protected_tokens"] == 0:
+            return m
+        time.sleep(0.25)
+        m = memory(server)
+    return m
+
+
+def assert_no_leak(server, timeout=120.0):
+    m = wait_idle(server, timeout)
+    assert m["live_compressed_requests"] == 0 and m["pending_requests"] == 0 and m["tree_protected_tokens"] == 0, m
+    assert m["available_slots"] + m["tree_evictable_tokens"] == m["pool_size"], m
+    return m
+
+
+def generate(server, ids, max_new_tokens=16, ignore_eos=False, **custom):
+    sp = {"max_new_tokens": max_new_tokens, "temperature": 0.0, "ignore_eos": ignore_eos}
+    if custom:
+        sp["custom_params"] = {f"kv_{k}": v for k, v in custom.items()}
+    return http_json(server.url + "/generate", {"input_ids": ids, "sampling_params": sp})
+
+
+def still_serves(server):
+    assert "Paris" in server.generate("The capital of France is", max_new_tokens=4)["text"]
+
+
+def open_request(server, payload):
+    """POST /generate on a raw connection the test can drop at any moment."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
+    conn.request("POST", "/generate", body=json.dumps(payload), headers={"Content-Type": "application/json"})
+    return conn
+
+
+def drop(conn):
+    sock = conn.sock
+    conn.close()
+    if sock is not None:
+        sock.close()
+
+
+def stream_events(resp):
+    for raw in resp:
+        line = raw.decode().strip()
+        if line.startswith("data:") and line != "data: [DONE]":
+            yield json.loads(line[5:])
+
+
+# --------------------------------------------------------------------------------------------
+# bad per-request input
+# --------------------------------------------------------------------------------------------
+
+BAD_SETTINGS = [
+    ({"kv_budget": 100.5}, "kv_budget", "integer"),
+    ({"kv_budget": True}, "kv_budget", "integer"),
+    ({"kv_budget": None}, "kv_budget", "integer"),
+    ({"kv_budget": [128]}, "kv_budget", "integer"),
+    ({"kv_budget": -5}, "kv_budget", "negative"),
+    ({"kv_window": -1}, "kv_window", "negative"),
+    ({"kv_window": 0}, "kv_window", "at least 1"),
+    ({"kv_min_prompt_len": -1}, "kv_min_prompt_len", "negative"),
+    ({"kv_min_prompt_len": "10"}, "kv_min_prompt_len", "integer"),
+    ({"kv_kernel_size": 4}, "kv_kernel_size", "odd"),
+    ({"kv_kernel_size": 0}, "kv_kernel_size", "odd"),
+    ({"kv_floor_alpha": -0.1}, "kv_floor_alpha", "[0, 1]"),
+    ({"kv_floor_alpha": "0.5"}, "kv_floor_alpha", "number"),
+    ({"kv_pyramid_beta": 0.5}, "kv_pyramid_beta", "at least 1"),
+    ({"kv_pooling": "min"}, "kv_pooling", "unknown pooling"),
+    ({"kv_pooling": 3}, "kv_pooling", "unknown pooling"),
+    ({"kv_policy": 5}, "kv_policy", "unknown policy"),
+    ({"kv_budget": 48, "kv_window": 48}, "kv_budget", "larger than the window"),
+    ({"kv_window": 100}, "kv_budget", "larger than the window"),  # server budget 64 does not cover it
+    ({"kv_budgett": 128}, "kv_budgett", "unknown compression setting"),
+]
+
+
+def post_status(server, custom):
+    payload = {"text": "hello", "sampling_params": {"max_new_tokens": 2, "custom_params": custom}}
+    req = urllib.request.Request(server.url + "/generate", data=json.dumps(payload).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_bad_request_settings_get_400_naming_the_field(server):
+    failures = []
+    for custom, field, words in BAD_SETTINGS:
+        status, body = post_status(server, custom)
+        if status != 400 or field not in body or words not in body:
+            failures.append((custom, status, body[:300]))
+    assert not failures, failures
+    still_serves(server)
+
+
+def test_compression_settings_on_a_server_without_compression_get_400(servers):
+    server = servers.get(*NONE)
+    for custom, field in (({"kv_policy": "lava"}, "kv_policy"), ({"kv_budget": 256}, "kv_budget")):
+        status, body = post_status(server, custom)
+        assert status == 400 and field in body and "--kv-policy none" in body, (custom, status, body)
+    still_serves(server)
+
+
+# --------------------------------------------------------------------------------------------
+# clients that go away
+# --------------------------------------------------------------------------------------------
+
+def test_disconnect_during_prefill(server, tokenizer, corpus):
+    """Non-streaming client closes its socket while the prompt is being prefilled (chunks of 64)."""
+    before = assert_no_leak(server)
+    ids = prompt_ids(tokenizer, corpus, 560, seed=7001)
+    conn = open_request(server, {"input_ids": ids, "sampling_params": {"max_new_tokens": 32, "temperature": 0.0}})
+    deadline = time.time() + 120
+    seen_pending = False
+    while time.time() < deadline and not seen_pending:
+        seen_pending = memory(server)["pending_requests"] > 0
+    drop(conn)
+    assert seen_pending, "the request never showed up as being prefilled"
+    after = assert_no_leak(server)
+    # Aborted inside prefill: never compressed, released. (If the machine finished the prompt
+    # before the abort landed, it was compressed first; the release is checked all the same.)
+    assert after["released_requests"] >= before["released_requests"]
+    still_serves(server)
+    assert_no_leak(server)
+
+
+def test_disconnect_right_after_compression(server, tokenizer, corpus):
+    """Streaming client reads the first token (prefill and compression done) and disconnects."""
+    before = assert_no_leak(server)
+    ids = prompt_ids(tokenizer, corpus, 400, seed=7002)
+    conn = open_request(server, {"input_ids": ids, "stream": True,
+                                 "sampling_params": {"max_new_tokens": 200, "temperature": 0.0, "ignore_eos": True}})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    first = next(stream_events(resp))
+    drop(conn)
+    assert first["meta_info"]["completion_tokens"] <= 2
+    after = assert_no_leak(server, timeout=60)
+    assert after["compressed_requests"] == before["compressed_requests"] + 1
+    assert after["released_requests"] == before["released_requests"] + 1
+    still_serves(server)
+
+
+def test_disconnect_during_decode(server, tokenizer, corpus):
+    """Streaming client disconnects mid-decode: the request stops (no 400-token run) and all returns."""
+    before = assert_no_leak(server)
+    ids = prompt_ids(tokenizer, corpus, 200, seed=7003)
+    conn = open_request(server, {"input_ids": ids, "stream": True,
+                                 "sampling_params": {"max_new_tokens": 400, "temperature": 0.0, "ignore_eos": True}})
+    resp = conn.getresponse()
+    n = 0
+    for event in stream_events(resp):
+        n = event["meta_info"]["completion_tokens"]
+        if n >= 10:
+            break
+    mid = memory(server)
+    drop(conn)
+    assert n >= 10 and mid["live_compressed_requests"] == 1, mid
+    after = assert_no_leak(server, timeout=60)
+    assert after["released_requests"] == before["released_requests"] + 1
+    still_serves(server)
+
+
+# --------------------------------------------------------------------------------------------
+# retraction
+# --------------------------------------------------------------------------------------------
+
+def test_retracted_compressed_requests_finish_with_the_same_output(server, tokenizer, corpus):
+    """Five compressed requests with 160-token ignore_eos decodes in a 640-slot pool: the scheduler
+    retracts some, they re-run (re-prefill, compress again) and everything finishes with the same
+    greedy tokens as the same request served alone, and nothing leaks."""
+    n_req, new = 5, 160
+    prompts = [prompt_ids(tokenizer, corpus, 300, seed=7100 + i) for i in range(n_req)]
+    results = [None] * n_req
+    errors = []
+
+    def run(i):
+        try:
+            results[i] = generate(server, prompts[i], max_new_tokens=new, ignore_eos=True)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n_req)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(900)
+    assert not errors, errors
+    retractions = [r["meta_info"].get("num_retractions", 0) for r in results]
+    for r in results:
+        assert r["meta_info"]["finish_reason"]["type"] == "length" and len(r["output_ids"]) == new
+        assert r["meta_info"].get("kv_compression"), r["meta_info"]
+    assert_no_leak(server)
+    for i in range(n_req):
+        alone = generate(server, prompts[i], max_new_tokens=new, ignore_eos=True)
+        assert alone["meta_info"].get("num_retractions", 0) == 0
+        assert results[i]["output_ids"] == alone["output_ids"], (i, retractions[i])
+    assert_no_leak(server)
+    if sum(retractions) == 0:
+        # Known gap: SGLang admitted at most two of these at a time here, so the pool never ran
+        # out mid-decode. Outputs and release were still checked; the retraction itself was not.
+        pytest.skip(f"no retraction was triggered (num_retractions {retractions})")
+
+
+def test_debug_checks_ran_and_log_is_clean(server):
+    m = memory(server)
+    assert m["debug_checks"]["after_compression"] > 0 and m["debug_checks"]["after_release"] > 0, m
+    log = server.log_text()
+    for bad in ("Traceback", "AssertionError", "lava-sglang debug"):
+        assert bad not in log, bad

@@ -14,7 +14,7 @@ import pytest
 
 MAX_LIVE = 2
 # Small KV pool: fast start-up on CPU, still room for several 4k-token requests.
-BASE_FLAGS = ("--max-total-tokens", "24576", "--log-level", "info")
+BASE_FLAGS = ("--max-total-tokens", "24576", "--log-level", "info", "--sleep-on-idle")
 
 
 @pytest.fixture(scope="session")

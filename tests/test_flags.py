@@ -41,9 +41,30 @@ def test_values_reach_the_record(prepare):
     assert config_of(pickle.loads(pickle.dumps(args))) == config
 
 
-def test_compression_turns_off_decode_cuda_graphs(prepare):
+def test_compression_turns_off_what_it_cannot_run_with(prepare):
     assert prepare("--kv-policy", "snapkv").disable_decode_cuda_graph is True
+    assert prepare("--kv-policy", "snapkv", "--enable-mixed-chunk").enable_mixed_chunk is False
     assert prepare().disable_decode_cuda_graph is False
+    assert prepare("--enable-mixed-chunk").enable_mixed_chunk is True  # policy none: SGLang unchanged
+
+
+def test_unsupported_settings_are_named():
+    from types import SimpleNamespace
+
+    from lava_sglang.engine.startup_checks import unsupported_settings
+
+    ok = SimpleNamespace(tp_size=1, pp_size=1, speculative_algorithm=None, page_size=1, enable_hierarchical_cache=False,
+                         enable_mixed_chunk=False, cuda_graph_config=None, device="cpu")
+    assert unsupported_settings(ok) == []
+    for field, value, words in (("tp_size", 2, "tensor parallelism"), ("pp_size", 2, "pipeline parallelism"),
+                                ("speculative_algorithm", "EAGLE", "speculative decoding"), ("page_size", 16, "page size"),
+                                ("enable_hierarchical_cache", True, "hierarchical cache"), ("enable_mixed_chunk", True, "mixed chunk")):
+        bad = SimpleNamespace(**{**vars(ok), field: value})
+        problems = unsupported_settings(bad)
+        assert len(problems) == 1 and words in problems[0], problems
+    graphs = SimpleNamespace(decode=SimpleNamespace(backend="full"))
+    cuda = SimpleNamespace(**{**vars(ok), "device": "cuda", "cuda_graph_config": graphs})
+    assert "decode CUDA graphs" in unsupported_settings(cuda)[0]
 
 
 @pytest.mark.parametrize(
@@ -58,6 +79,9 @@ def test_compression_turns_off_decode_cuda_graphs(prepare):
         (["--kv-floor-alpha", "-0.1"], "--kv-floor-alpha", "[0, 1]"),
         (["--kv-kernel-size", "4"], "--kv-kernel-size", "odd"),
         (["--kv-pyramid-beta", "0.5"], "--kv-pyramid-beta", "at least 1"),
+        (["--kv-window", "0"], "--kv-window", "at least 1"),
+        (["--kv-kernel-size", "0"], "--kv-kernel-size", "odd"),
+        (["--kv-kernel-size", "-3"], "--kv-kernel-size", "negative"),
     ],
 )
 def test_invalid_values_exit_2_naming_the_flag(prepare, capsys, flags, flag, words):
@@ -69,7 +93,8 @@ def test_invalid_values_exit_2_naming_the_flag(prepare, capsys, flags, flag, wor
 
 
 @pytest.mark.parametrize("flags, flag", [(["--kv-policy", "h2o"], "--kv-policy"), (["--kv-pooling", "min"], "--kv-pooling"),
-                                         (["--kv-budget", "many"], "--kv-budget")])
+                                         (["--kv-budget", "many"], "--kv-budget"),
+                                         (["--kv-floor-alpha", "abc"], "--kv-floor-alpha")])
 def test_unknown_choices_and_types_exit_2(prepare, capsys, flags, flag):
     with pytest.raises(SystemExit) as exc:
         prepare(*flags)

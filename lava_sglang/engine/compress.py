@@ -26,26 +26,37 @@ def packed_targets(target_slots: torch.Tensor, n_cells: int, n_kv_heads: int) ->
     return target_slots[j // n_kv_heads] * n_kv_heads + (j % n_kv_heads)
 
 
-def compress_request(pending: PendingRequest, req_to_token: torch.Tensor, kv_pool, allocator,
-                     prefill_seconds: float = 0.0) -> Optional[CompressedRequest]:
-    """Compress ``pending`` in place; None when the policy keeps everything (nothing to do)."""
-    started = time.perf_counter()
-    cfg, row, P, L = pending.config, pending.row, pending.prefix_len, pending.prompt_len
-    row_slots = req_to_token[row, :L].to(torch.long)
-    n_layers = len(pending.queries)
+def select_cells(pending: PendingRequest, row_slots: torch.Tensor, kv_pool):
+    """Score every layer against the captured window queries and select what each head keeps."""
+    cfg, P, L = pending.config, pending.prefix_len, pending.prompt_len
     policy = get_policy(cfg.policy)
-
     scores = []
-    for layer in range(n_layers):
+    for layer in range(len(pending.queries)):
         k_buf, v_buf = kv_pool.get_key_buffer(layer), kv_pool.get_value_buffer(layer)
         keys, values = k_buf[row_slots], v_buf[row_slots]
         scores.append(policy.score_layer(cfg, pending.queries[layer], keys, values, P))
     selection = policy.select(cfg, scores, P, L)
-    if not selection.compressed:
+    return selection.keep if selection.compressed else None
+
+
+def compress_request(pending: PendingRequest, req_to_token: torch.Tensor, kv_pool, allocator,
+                     prefill_seconds: float = 0.0) -> Optional[CompressedRequest]:
+    """Compress ``pending`` in place; None when the policy keeps everything (nothing to do).
+
+    A re-prefill after a retraction (``pending.replay``) applies the selection it had before
+    instead of scoring again: the prompt's keys and queries are the same (causal attention), so
+    scoring would choose the same cells, and replaying keeps the outcome exact by construction.
+    """
+    started = time.perf_counter()
+    cfg, row, P, L = pending.config, pending.row, pending.prefix_len, pending.prompt_len
+    row_slots = req_to_token[row, :L].to(torch.long)
+    keep = pending.replay.keep if pending.replay is not None else select_cells(pending, row_slots, kv_pool)
+    if keep is None:
         return None
+    n_layers = len(keep)
 
     n_kv_heads = kv_pool.get_key_buffer(0).shape[1]
-    cells_per_layer = selection.kept_per_layer
+    cells_per_layer = [sum(int(t.numel()) for t in heads) for heads in keep]
     kept_slots = max(math.ceil(c / n_kv_heads) for c in cells_per_layer)
     if kept_slots >= L - P:
         return None
@@ -53,14 +64,14 @@ def compress_request(pending: PendingRequest, req_to_token: torch.Tensor, kv_poo
 
     mid_cells, mid_lens = [], []
     for layer in range(n_layers):
-        keep = selection.keep[layer]
-        src = torch.cat([row_slots[keep[h]] * n_kv_heads + h for h in range(n_kv_heads)])
+        heads = keep[layer]
+        src = torch.cat([row_slots[heads[h]] * n_kv_heads + h for h in range(n_kv_heads)])
         dst = packed_targets(target_slots, src.numel(), n_kv_heads)
         k_buf, v_buf = kv_pool.get_key_buffer(layer), kv_pool.get_value_buffer(layer)
         head_dim = k_buf.shape[-1]
         repack_cells(k_buf.view(-1, head_dim), v_buf.view(-1, v_buf.shape[-1]), src, dst)
         mid_cells.append(dst)
-        mid_lens.append([int(t.numel()) for t in keep])
+        mid_lens.append([int(t.numel()) for t in heads])
 
     freed = row_slots[P + kept_slots:L].clone()
     req_to_token[row, P + kept_slots:L] = 0
@@ -75,7 +86,7 @@ def compress_request(pending: PendingRequest, req_to_token: torch.Tensor, kv_poo
         "shared_prefix_tokens": P,
         "compressed_tokens": L - P,
         "kept_cells": kept_cells,
-        "private_cells": selection.private_cells,
+        "private_cells": (L - P) * n_kv_heads * n_layers,
         "slots_held": P + kept_slots,
         "slots_freed": int(freed.numel()),
         "packing_efficiency": round(kept_cells / (kept_slots * n_kv_heads * n_layers), 4),
@@ -85,5 +96,5 @@ def compress_request(pending: PendingRequest, req_to_token: torch.Tensor, kv_poo
     }
     return CompressedRequest(
         rid=pending.rid, row=row, config=cfg, prefix_len=P, prompt_len=L, kept_slots=kept_slots,
-        mid_cells=mid_cells, mid_lens=torch.tensor(mid_lens, dtype=torch.long), report=report,
+        mid_cells=mid_cells, mid_lens=torch.tensor(mid_lens, dtype=torch.long), report=report, keep=keep,
     )

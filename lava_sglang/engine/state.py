@@ -9,12 +9,19 @@ A request goes through two states:
   slots ``row[P:P+K]``, slots ``row[P+K:L]`` returned to the allocator, decode tokens at
   ``row[L:]``.
 
+A compressed request that SGLang retracts (decode ran out of KV memory) loses its slots and is
+prefilled again later, prompt and generated tokens together. Its selection is kept as a
+:class:`RetractedRequest` (keyed by request id: the row changes) so the re-prefill can replay
+it exactly (``engine.replay``): same kept positions, and the generated tokens attend to what
+they attended to during decode.
+
 The registry is the one place that knows which rows are compressed; release, decode and the
 debug invariant checks all read it.
 """
 
 from __future__ import annotations
 
+import collections
 import threading
 from dataclasses import dataclass, field
 from typing import Optional
@@ -34,6 +41,8 @@ class PendingRequest:
     # Post-RoPE queries of prompt positions [L - w, L), per layer [w, Hq, D]; filled across chunks.
     queries: list = field(default_factory=list)
     prefill_seconds: float = 0.0  # forward time of the batches that prefilled it (shared with their other requests)
+    # Re-prefill after a retraction: the selection to apply again instead of scoring.
+    replay: Optional["RetractedRequest"] = None
 
     @property
     def window(self) -> int:
@@ -51,11 +60,24 @@ class CompressedRequest:
     mid_cells: list  # per layer: int64 cell ids (head-major) of the kept cells in the flat view
     mid_lens: torch.Tensor  # [n_layers, Hkv] int64: kept cells per (layer, head)
     report: dict  # what the response's meta_info shows
+    keep: list = field(default_factory=list)  # per layer, per KV head: kept row positions in [P, L)
 
     @property
     def freed_range(self) -> tuple[int, int]:
         """Row positions whose slots went back to the allocator at compression."""
         return self.prefix_len + self.kept_slots, self.prompt_len
+
+
+@dataclass
+class RetractedRequest:
+    """The selection of a compressed request that was retracted, for its re-prefill."""
+
+    rid: str
+    config: CompressionConfig
+    prefix_len: int
+    prompt_len: int
+    keep: list
+    report: dict
 
 
 class Registry:
@@ -64,12 +86,22 @@ class Registry:
     def __init__(self):
         self.pending: dict[int, PendingRequest] = {}
         self.compressed: dict[int, CompressedRequest] = {}
+        # rid -> selection of a retracted compressed request awaiting its re-prefill (bounded:
+        # a request aborted while waiting never comes back for its entry).
+        self.retracted: "collections.OrderedDict[str, RetractedRequest]" = collections.OrderedDict()
         self.lock = threading.Lock()
         self.totals = {"compressed_requests": 0, "kept_cells": 0, "freed_slots": 0, "compression_seconds": 0.0,
-                       "released_requests": 0}
+                       "released_requests": 0, "retracted_requests": 0, "replayed_requests": 0}
 
     def compressed_for(self, row: Optional[int]) -> Optional[CompressedRequest]:
         return None if row is None else self.compressed.get(int(row))
+
+    def remember_retracted(self, state: CompressedRequest, limit: int = 4096) -> None:
+        self.retracted[state.rid] = RetractedRequest(state.rid, state.config, state.prefix_len, state.prompt_len,
+                                                     state.keep, dict(state.report))
+        while len(self.retracted) > limit:
+            self.retracted.popitem(last=False)
+        self.totals["retracted_requests"] += 1
 
     def drop(self, row: Optional[int], rid: Optional[str] = None) -> None:
         if row is None:

@@ -14,6 +14,9 @@ Flow of one compressed request (scheduler process):
 4. Decode batches holding a compressed request run attention through ``engine.decode``.
 5. ``BasePrefixCache.free_kv_row`` (AROUND) skips the slots already freed, and
    ``release_kv_cache`` (AROUND) drops the state: release frees exactly what the request holds.
+6. A compressed request retracted under memory pressure keeps its selection; its re-prefill
+   applies it again and recomputes the generated tokens' attention as decode saw it
+   (``engine.replay``), so its output is the same as without pressure.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ META_KEY = "kv_compression"
 _SERVER_CONFIG: Optional[CompressionConfig] = None
 # What the current forward is doing; set around the model forward by the worker hook.
 _STEP = None
+# The scheduler of this process (set when it starts): compression tells it that memory was freed.
+_SCHEDULER = None
 # Rows examined and not chosen for compression at their first prefill: row -> rid.
 _NOT_COMPRESSED: dict[int, str] = {}
 
@@ -72,9 +77,10 @@ def request_config(req) -> CompressionConfig:
 
 def before_scheduler_init(self, server_args, *args, **kwargs):
     """Refuse to start with settings compression cannot run with (one error line, exit 1)."""
-    global _SERVER_CONFIG
+    global _SERVER_CONFIG, _SCHEDULER
     config = config_of(server_args)
     _SERVER_CONFIG = config
+    _SCHEDULER = self
     from lava_sglang.engine import metrics
 
     metrics.enable(getattr(server_args, "enable_metrics", False))
@@ -115,10 +121,14 @@ def after_get_internal_state(result, self, *args, **kwargs):
 # --------------------------------------------------------------------------------------------
 
 class _ExtendStep:
-    """Window rows to capture in this extend forward: (pending, q_lo, q_hi, win_lo)."""
+    """Window rows to capture in this extend forward: (pending, q_lo, q_hi, win_lo); and the
+    replayed re-prefills whose generated-token queries are recomputed (``engine.replay``)."""
 
-    def __init__(self, captures):
+    def __init__(self, captures, replays=(), req_to_token=None, kv_pool=None):
         self.captures = captures
+        self.replays = list(replays)
+        self.req_to_token = req_to_token
+        self.kv_pool = kv_pool
 
     def capture(self, layer, q):
         import torch
@@ -168,8 +178,24 @@ def _choose(req, prefix_len_in_row: int) -> Optional[PendingRequest]:
     return PendingRequest(rid=req.rid, row=int(req.kv.req_pool_idx), config=config, prefix_len=P, prompt_len=prompt_len)
 
 
-def _prepare_extend(batch) -> list:
-    captures = []
+def _replay_or_choose(req, prefix_len_in_row: int) -> Optional[PendingRequest]:
+    """A request prefilled again after a retraction replays its selection when its shared prefix is
+    the one it was compressed with; otherwise (the tree evicted or grew it) it is chosen afresh."""
+    saved = REGISTRY.retracted.pop(req.rid, None)
+    if saved is not None:
+        P = int(req.kv.cache_protected_len)
+        if P == saved.prefix_len and len(req.origin_input_ids) == saved.prompt_len and P <= prefix_len_in_row:
+            return PendingRequest(rid=req.rid, row=int(req.kv.req_pool_idx), config=saved.config, prefix_len=P,
+                                  prompt_len=saved.prompt_len, replay=saved)
+        logger.warning("lava-sglang: retracted request %s: shared prefix is now %d tokens (was %d); compressing "
+                       "it afresh, its output may differ from a run without retraction", req.rid, P, saved.prefix_len)
+    return _choose(req, prefix_len_in_row)
+
+
+def _prepare_extend(batch) -> tuple[list, list]:
+    from lava_sglang.engine.replay import ReplayChunk
+
+    captures, replays = [], []
     offset = 0
     for i, req in enumerate(batch.reqs):
         ext, pre = int(batch.extend_lens[i]), int(batch.prefix_lens[i])
@@ -182,19 +208,31 @@ def _prepare_extend(batch) -> list:
                 REGISTRY.drop(row)
                 pending = None
             if pending is None and _NOT_COMPRESSED.get(row) != req.rid and row not in REGISTRY.compressed:
-                pending = _choose(req, pre)
+                pending = _replay_or_choose(req, pre)
                 if pending is None:
                     _NOT_COMPRESSED[row] = req.rid
                 else:
                     req.skip_radix_cache_insert = True
                     REGISTRY.pending[row] = pending
-            if pending is not None:
+            if pending is not None and pending.replay is not None:
+                if chunk_hi > pending.prompt_len:
+                    replays.append(ReplayChunk(pending, offset, chunk_lo, chunk_hi))
+            elif pending is not None:
                 win_start = pending.prompt_len - pending.window
                 lo, hi = max(chunk_lo, win_start), min(chunk_hi, pending.prompt_len)
                 if lo < hi:
                     captures.append((pending, offset + lo - chunk_lo, offset + hi - chunk_lo, lo - win_start))
         offset += ext
-    return captures
+    return captures, replays
+
+
+def _memory_freed() -> None:
+    """Let the scheduler try to admit again: SGLang marks the running batch full when a prefill
+    did not fit and clears the mark only when a request finishes. Compression returns slots at
+    once, so without this the freed memory would sit idle until the next request finished."""
+    running = getattr(_SCHEDULER, "running_batch", None)
+    if running is not None:
+        running.batch_is_full = False
 
 
 def _finish_extend(worker, batch, elapsed: float) -> None:
@@ -211,7 +249,7 @@ def _finish_extend(worker, batch, elapsed: float) -> None:
         if chunk_hi < len(req.full_untruncated_fill_ids):
             continue  # more chunks to come
         del REGISTRY.pending[pending.row]
-        if any(q is None for q in pending.queries) or not pending.queries:
+        if pending.replay is None and (any(q is None for q in pending.queries) or not pending.queries):
             logger.warning("lava-sglang: request %s: window queries missing; not compressed", req.rid)
             continue
         state = compress_request(pending, runner.req_to_token_pool.req_to_token, runner.token_to_kv_pool,
@@ -219,7 +257,11 @@ def _finish_extend(worker, batch, elapsed: float) -> None:
         if state is None:
             continue
         REGISTRY.compressed[state.row] = state
+        _memory_freed()
         totals = REGISTRY.totals
+        if pending.replay is not None:
+            totals["replayed_requests"] += 1
+            state.report["replayed_after_retraction"] = True
         totals["compressed_requests"] += 1
         totals["kept_cells"] += state.report["kept_cells"]
         totals["freed_slots"] += state.report["slots_freed"]
@@ -255,10 +297,11 @@ def around_forward_batch_generation(original, self, batch=None, *args, **kwargs)
             _STEP = None
     if not mode.is_extend():
         return original(self, batch, *args, **kwargs)
-    captures = _prepare_extend(batch)
+    captures, replays = _prepare_extend(batch)
     if not any(REGISTRY.pending.get(int(r.kv.req_pool_idx)) for r in batch.reqs if r.kv.req_pool_idx is not None):
         return original(self, batch, *args, **kwargs)
-    _STEP = _ExtendStep(captures)
+    runner = self.model_runner
+    _STEP = _ExtendStep(captures, replays, runner.req_to_token_pool.req_to_token, runner.token_to_kv_pool)
     started = time.perf_counter()
     try:
         result = original(self, batch, *args, **kwargs)
@@ -281,6 +324,10 @@ def around_radix_attention_forward(original, self, q, k, v, forward_batch, *args
     out = original(self, q, k, v, forward_batch, *args, **kwargs)
     if isinstance(step, _ExtendStep) and step.captures:
         step.capture(self, q)
+    if isinstance(step, _ExtendStep) and step.replays:
+        from lava_sglang.engine.replay import replay_attention
+
+        out = replay_attention(self, q, out, step.replays, step.kv_pool, step.req_to_token)
     return out
 
 
@@ -310,9 +357,18 @@ def around_free_kv_row(original, self, kv, ranges, *args, **kwargs):
     return original(self, kv, ranges, *args, **kwargs)
 
 
+def _is_retraction(req) -> bool:
+    """``release_kv_cache`` of a request that will run again (SGLang's retract_decode / retract_all)."""
+    return not req.finished() and getattr(req, "to_finish", None) is None
+
+
 def around_release_kv_cache(original, req, tree_cache, *args, **kwargs):
     row, rid = req.kv.req_pool_idx, req.rid
-    was_compressed = REGISTRY.compressed_for(row) is not None
+    state = REGISTRY.compressed_for(row)
+    was_compressed = state is not None
+    if was_compressed and state.rid == rid and _is_retraction(req):
+        REGISTRY.remember_retracted(state)
+        logger.info("lava-sglang: compressed request %s retracted; its re-prefill will replay its selection", rid)
     try:
         result = original(req, tree_cache, *args, **kwargs)
     finally:

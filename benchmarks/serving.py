@@ -34,6 +34,7 @@ from lava_sglang.models import default_model_path
 from lava_sglang.workloads import default_corpus_dir, haystack, load_corpus
 
 OUT = Path(__file__).resolve().parent / "results" / "serving"
+BATCH_LINE = re.compile(r"(Prefill|Decode) batch")
 DECODE_LINE = re.compile(r"Decode batch, #running-req: (\d+), #token: (\d+), token usage: ([\d.]+).*?gen throughput \(token/s\): ([\d.]+)")
 
 
@@ -93,6 +94,18 @@ def run_workload(server: Server, prompts: list[list[int]], args) -> dict:
     wall = time.perf_counter() - t0
     log = server.log_text()
     decode = [tuple(float(x) for x in m.groups()) for m in DECODE_LINE.finditer(log)]
+    # Pure decode steps: a decode batch logged right after another decode batch (with
+    # --decode-log-interval 1 its throughput covers exactly one decode step, no prefill).
+    steps, previous = [], None
+    for line in log.splitlines():
+        kind = BATCH_LINE.search(line)
+        if not kind:
+            continue
+        m = DECODE_LINE.search(line)
+        if kind.group(1) == "Decode" and previous == "Decode" and m and float(m.group(4)) > 0:
+            steps.append((int(m.group(1)), float(m.group(4))))
+        previous = kind.group(1)
+    decode_seconds = sum(n / thr for n, thr in steps)
     out_tokens = sum(r["output_tokens"] for r in results)
     reports = [r["kv_compression"] for r in results if r["kv_compression"]]
     first_token = min(r["start"] + r["ttft"] for r in results)
@@ -101,10 +114,13 @@ def run_workload(server: Server, prompts: list[list[int]], args) -> dict:
         "wall_s": wall,
         "request_throughput": len(prompts) / wall,
         "output_throughput": out_tokens / wall,
-        # decode phase: tokens after each request's first, over the span from the first first
-        # token to the last token (on a CPU prefill dominates the overall wall time)
-        "decode_phase_throughput": (out_tokens - len(prompts)) / max(1e-9, last_token - first_token),
-        "engine_gen_throughput_mean": statistics.mean(d[3] for d in decode) if decode else None,
+        # decode phase alone (on a CPU prefill dominates the wall time): tokens per second of the
+        # engine's decode steps, time-weighted, prefill forwards excluded
+        "decode_phase_throughput": (sum(n for n, _ in steps) / decode_seconds) if decode_seconds else None,
+        "decode_seconds": decode_seconds,
+        "mean_decode_batch": (statistics.mean(n for n, _ in steps) if steps else None),
+        # client view: tokens after each request's first, from the first first token to the last token
+        "first_to_last_token_throughput": (out_tokens - len(prompts)) / max(1e-9, last_token - first_token),
         "ttft_p50": pct([r["ttft"] for r in results], 50), "ttft_p99": pct([r["ttft"] for r in results], 99),
         "itl_p50": pct([x for r in results for x in r["itl"]], 50), "itl_p99": pct([x for r in results for x in r["itl"]], 99),
         "peak_running_requests": int(max((d[0] for d in decode), default=0)),
@@ -128,59 +144,42 @@ def decode_step_time(server: Server, prompts: list[list[int]], batch: int) -> fl
     return statistics.median(batch / d[3] for d in steps) if steps else None
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--requests", type=int, default=32)
-    p.add_argument("--prompt-tokens", type=int, default=3000)
-    p.add_argument("--output-tokens", type=int, default=128)
-    p.add_argument("--max-total-tokens", type=int, default=12800)
-    p.add_argument("--concurrency", type=int, default=32)
-    p.add_argument("--rate", type=float, default=float("inf"))
-    p.add_argument("--configs", nargs="+", default=["none", "lava:128"])
-    p.add_argument("--micro-batch", type=int, default=4)
-    p.add_argument("--micro-prompt-tokens", type=int, default=2000)
-    p.add_argument("--compression-lengths", type=int, nargs="+", default=[1000, 2000, 4000])
-    p.add_argument("--corpus", default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="tiny run for tests: 4 requests of 600 tokens, 16 outputs")
-    p.add_argument("--out", default=str(OUT))
-    args = p.parse_args(argv)
-    if args.quick:
-        args.requests, args.prompt_tokens, args.output_tokens = 4, 600, 16
-        args.max_total_tokens, args.micro_batch, args.micro_prompt_tokens = 3000, 2, 500
-        args.compression_lengths = [600]
+def plot(results: dict, pool_tokens: int, plt, path: Path) -> None:
+    """Output throughput and peak running requests vs budget (one line per policy, ``none`` as a
+    horizontal line), and the TTFT and inter-token latency CDFs of every configuration."""
+    fig, ax = plt.subplots(1, 4, figsize=(20, 4.2))
+    by_policy: dict = {}
+    for name, r in results.items():
+        if name != "none":
+            policy, _, budget = name.partition(":")
+            by_policy.setdefault(policy, []).append((int(budget or 128), r))
+    for i, (key, title) in enumerate([("output_throughput", "output tokens/s"),
+                                      ("peak_running_requests", f"peak running requests (pool {pool_tokens} tokens)")]):
+        for policy, points in sorted(by_policy.items()):
+            points.sort(key=lambda t: t[0])
+            ax[i].plot([b for b, _ in points], [r[key] for _, r in points], marker="o", label=policy)
+        if "none" in results:
+            ax[i].axhline(results["none"][key], color="black", linestyle="--", label="none (full cache)")
+        ax[i].set(title=title, xlabel="budget (tokens per head)", xscale="log", ylim=(0, None))
+        budgets = sorted({b for points in by_policy.values() for b, _ in points})
+        ax[i].set_xticks(budgets, [str(b) for b in budgets])
+        ax[i].minorticks_off()
+        ax[i].legend()
+    for i, (key, title) in [(2, ("ttfts", "TTFT CDF")), (3, ("itls", "inter-token latency CDF"))]:
+        for name, r in results.items():
+            xs = sorted(x for x in r[key] if x is not None)
+            if xs:
+                ax[i].plot(xs, [(j + 1) / len(xs) for j in range(len(xs))], label=name)
+        ax[i].set(title=title, xlabel="s" + (" (log)" if i == 3 else ""),
+                  ylabel="fraction of requests" if i == 2 else "fraction of tokens", xscale="log" if i == 3 else "linear")
+        ax[i].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
-    model = str(default_model_path())
-    from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model)
-    corpus_dir = args.corpus or default_corpus_dir()
-    corpus = load_corpus(corpus_dir)
-    prompts = [tok.encode(haystack(args.prompt_tokens, corpus, seed=1000 + i, tokenizer=tok) + "\n\nSummarize the text.")
-               for i in range(args.requests)]
-    micro = [tok.encode(haystack(args.micro_prompt_tokens, corpus, seed=5000 + i, tokenizer=tok)) for i in range(args.micro_batch)]
-    lengths = {n: tok.encode(haystack(n, corpus, seed=9000 + n, tokenizer=tok)) for n in args.compression_lengths}
-
-    results = {}
-    for config in args.configs:
-        name, flags = parse_config(config)
-        flags = flags + ["--max-total-tokens", str(args.max_total_tokens)]
-        print(f"[serving] {name}: starting server {' '.join(flags)}", flush=True)
-        with Server(model, flags) as server:
-            r = run_workload(server, prompts, args)
-            r["decode_step_s"] = decode_step_time(server, micro, args.micro_batch)
-            if name != "none":
-                comp = {}
-                for n, ids in lengths.items():
-                    out = server.generate(input_ids=ids, max_new_tokens=1)
-                    rep = out["meta_info"].get("kv_compression")
-                    if rep:
-                        comp[n] = {"compression_ms": rep[0]["compression_ms"], "prefill_ms": rep[0]["prefill_ms"],
-                                   "ratio": rep[0]["compression_ms"] / rep[0]["prefill_ms"]}
-                r["compression_vs_prefill"] = comp
-        results[name] = r
-        print(f"[serving] {name}: " + json.dumps({k: v for k, v in r.items() if k not in ("ttfts", "itls")}), flush=True)
-
+def write_report(results: dict, args, command: str, corpus_dir) -> None:
+    """JSON, markdown table and PNGs of the configurations measured so far (rewritten after each)."""
     ratios = {}
     if "none" in results:
         base = results["none"]
@@ -190,16 +189,17 @@ def main(argv=None) -> int:
             ratios[name] = {
                 "peak_running_requests": r["peak_running_requests"] / max(1, base["peak_running_requests"]),
                 "output_throughput": r["output_throughput"] / base["output_throughput"],
-                "decode_phase_throughput": r["decode_phase_throughput"] / base["decode_phase_throughput"],
+                "decode_phase_throughput": ((r["decode_phase_throughput"] / base["decode_phase_throughput"])
+                                            if r["decode_phase_throughput"] and base["decode_phase_throughput"] else None),
                 "request_throughput": r["request_throughput"] / base["request_throughput"],
                 "decode_step_time": (r["decode_step_s"] / base["decode_step_s"]) if r["decode_step_s"] and base["decode_step_s"] else None,
             }
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/serving.py " + " ".join(argv if argv is not None else sys.argv[1:])
     (out_dir / "serving.json").write_text(json.dumps({"command": command, "args": {k: (str(v) if isinstance(v, float) else v) for k, v in vars(args).items()},
                                                        "corpus": str(corpus_dir), "results": results, "ratios_to_none": ratios}, indent=1))
-    keys = ["request_throughput", "output_throughput", "decode_phase_throughput", "ttft_p50", "ttft_p99", "itl_p50", "itl_p99",
+    keys = ["wall_s", "request_throughput", "output_throughput", "decode_phase_throughput", "mean_decode_batch", "decode_seconds",
+            "first_to_last_token_throughput", "ttft_p50", "ttft_p99", "itl_p50", "itl_p99",
             "peak_running_requests", "peak_kv_usage", "retractions", "compression_share_of_prefill", "decode_step_s"]
     lines = [f"Command: `{command}`", "", "| metric | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
     for k in keys:
@@ -220,28 +220,89 @@ def main(argv=None) -> int:
             lines += ["", f"Compression vs prefill ({name}): " + ", ".join(
                 f"{n} tokens: {c['compression_ms']:.0f} / {c['prefill_ms']:.0f} ms = {100 * c['ratio']:.2f}%" for n, c in r["compression_vs_prefill"].items())]
     (out_dir / "serving.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(1, 3, figsize=(14, 4))
-        names = list(results)
-        ax[0].bar(names, [results[n]["output_throughput"] for n in names])
-        ax[0].set(title="output tokens/s", ylabel="tok/s")
-        ax[1].bar(names, [results[n]["peak_running_requests"] for n in names])
-        ax[1].set(title=f"peak running requests (pool {args.max_total_tokens} tokens)")
-        for n in names:
-            xs = sorted(results[n]["ttfts"])
-            ax[2].plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=n)
-        ax[2].set(title="TTFT CDF", xlabel="s")
-        ax[2].legend()
-        fig.tight_layout()
-        fig.savefig(out_dir / "serving.png", dpi=100)
+        plot(results, args.max_total_tokens, plt, out_dir / "serving.png")
     except ImportError:
         pass
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--prompt-tokens", type=int, default=3000)
+    p.add_argument("--output-tokens", type=int, default=128)
+    p.add_argument("--max-total-tokens", type=int, default=12800)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--rate", type=float, default=float("inf"))
+    p.add_argument("--configs", nargs="+", default=["none", "lava:128"])
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--micro-prompt-tokens", type=int, default=2000)
+    p.add_argument("--compression-lengths", type=int, nargs="+", default=[1000, 2000, 3000, 4000])
+    p.add_argument("--compression-repeats", type=int, default=3, help="prompts per length (median reported)")
+    p.add_argument("--corpus", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="tiny run for tests: 4 requests of 600 tokens, 16 outputs")
+    p.add_argument("--out", default=str(OUT))
+    p.add_argument("--replot", action="store_true", help="only rewrite serving.md and serving.png from --out/serving.json")
+    args = p.parse_args(argv)
+    if args.replot:
+        data = json.loads((Path(args.out) / "serving.json").read_text())
+        saved = argparse.Namespace(**{**data["args"], "out": args.out})
+        write_report(data["results"], saved, data["command"], data["corpus"])
+        print((Path(args.out) / "serving.md").read_text())
+        return 0
+    if args.quick:
+        args.requests, args.prompt_tokens, args.output_tokens = 4, 600, 16
+        args.max_total_tokens, args.micro_batch, args.micro_prompt_tokens = 3000, 2, 500
+        args.compression_lengths, args.compression_repeats = [600], 1
+
+    model = str(default_model_path())
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    corpus_dir = args.corpus or default_corpus_dir()
+    corpus = load_corpus(corpus_dir)
+    prompts = [tok.encode(haystack(args.prompt_tokens, corpus, seed=1000 + i, tokenizer=tok) + "\n\nSummarize the text.")
+               for i in range(args.requests)]
+    micro = [tok.encode(haystack(args.micro_prompt_tokens, corpus, seed=5000 + i, tokenizer=tok)) for i in range(args.micro_batch)]
+    lengths = {n: [tok.encode(haystack(n, corpus, seed=9000 + 10 * n + j, tokenizer=tok)) for j in range(args.compression_repeats)]
+               for n in args.compression_lengths}
+
+    command = "python benchmarks/serving.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    results = {}
+    for config in args.configs:
+        name, flags = parse_config(config)
+        # --decode-log-interval 1: every decode batch is logged, so peak running requests and
+        # KV usage are exact; --sleep-on-idle: an idle CPU scheduler would busy-poll a core.
+        flags = flags + ["--max-total-tokens", str(args.max_total_tokens), "--decode-log-interval", "1",
+                         "--log-level", "info", "--sleep-on-idle"]
+        print(f"[serving] {name}: starting server {' '.join(flags)}", flush=True)
+        with Server(model, flags) as server:
+            r = run_workload(server, prompts, args)
+            r["decode_step_s"] = decode_step_time(server, micro, args.micro_batch)
+            if name != "none":
+                comp = {}
+                for n, prompts_n in lengths.items():
+                    reps = []
+                    for ids in prompts_n:
+                        rep = server.generate(input_ids=ids, max_new_tokens=1)["meta_info"].get("kv_compression")
+                        if rep:
+                            reps.append((rep[0]["compression_ms"], rep[0]["prefill_ms"]))
+                    if reps:
+                        c, f = statistics.median(c for c, _ in reps), statistics.median(f for _, f in reps)
+                        comp[n] = {"compression_ms": c, "prefill_ms": f, "ratio": statistics.median(c / f for c, f in reps),
+                                   "repeats": len(reps)}
+                r["compression_vs_prefill"] = comp
+        results[name] = r
+        write_report(results, args, command, corpus_dir)
+        print(f"[serving] {name}: " + json.dumps({k: v for k, v in r.items() if k not in ("ttfts", "itls")}), flush=True)
+
+    print((Path(args.out) / "serving.md").read_text())
     return 0
 
 

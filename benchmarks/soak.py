@@ -12,6 +12,9 @@ retract), then runs ``--concurrency`` client threads for ``--seconds``. Each req
 * now and then a malformed setting (must be an HTTP 400) or an exactness check: a budget that
   covers the prompt must give the same greedy tokens as ``kv_policy=none``.
 
+After the load, up to 20 completed compressed requests that were retracted are served again
+alone and must give the same greedy tokens as under pressure.
+
 At the end (after the load drains): zero server errors (HTTP 5xx, client-side exceptions, scheduler
 tracebacks or debug assertions in the log), every request the client did not abandon complete,
 every exactness check equal, ``available_slots + tree_evictable_tokens == pool_size`` and
@@ -71,6 +74,8 @@ class Stats:
         self.errors: list[str] = []
         self.incomplete: list[str] = []
         self.mismatches: list[dict] = []
+        # completed non-streamed compressed requests that were retracted: (ids, sampling, output ids)
+        self.retracted: list[tuple] = []
         self.latencies: list[float] = []
 
     def add(self, key, n=1):
@@ -198,7 +203,12 @@ class Soak:
                 out = last
             else:
                 out = json.loads(resp.read())
-            self.check_complete(out, sp, f"{kind} {custom} stream={stream}")
+            if self.check_complete(out, sp, f"{kind} {custom} stream={stream}") and not stream:
+                meta = out["meta_info"]
+                if meta.get("num_retractions") and meta.get("kv_compression"):
+                    with s.lock:
+                        if len(s.retracted) < 40:
+                            s.retracted.append((ids, sp, out["output_ids"]))
             s.latencies.append(time.time() - started)
         finally:
             conn.close()
@@ -219,7 +229,7 @@ class Soak:
             s.add("incomplete")
             if len(s.incomplete) < 50:
                 s.incomplete.append(f"{what}: finish={meta.get('finish_reason')} tokens={n} of {sp['max_new_tokens']}")
-            return
+            return False
         s.add("completed")
         if meta.get("kv_compression"):
             s.add("compressed")
@@ -228,6 +238,21 @@ class Soak:
             s.add("retractions", int(meta["num_retractions"]))
         if meta.get("cached_tokens"):
             s.add("with_cached_prefix")
+        return True
+
+    def retraction_checks(self, limit: int = 20) -> None:
+        """After the load: retracted compressed requests served again alone (no memory pressure)
+        must give the same greedy tokens (the re-prefill replays their selection)."""
+        s = self.stats
+        for ids, sp, output_ids in s.retracted[:limit]:
+            out = http_json(self.server.url + "/generate", {"input_ids": ids, "sampling_params": sp})
+            s.add("retraction_checks")
+            if out["meta_info"].get("num_retractions"):
+                s.add("retraction_checks_retracted_again")
+            if out["output_ids"] != output_ids:
+                s.mismatches.append({"retracted": True, "custom": sp.get("custom_params"), "prompt_tokens": len(ids),
+                                     "a": output_ids, "b": out["output_ids"]})
+                s.add("retraction_mismatches")
 
     def bad_request(self, rng):
         custom = dict(rng.choice(BAD_SETTINGS))
@@ -316,6 +341,8 @@ def main(argv=None) -> int:
             t.join(max(1.0, deadline - time.time()) + args.drain_seconds)
         hung = sum(t.is_alive() for t in threads)
         elapsed = time.time() - start
+        wait_idle(server, 120)
+        soak.retraction_checks()
         final = wait_idle(server, 120)
         log = server.log_text()
         log_errors = {k: log.count(k) for k in LOG_ERRORS}
@@ -335,7 +362,9 @@ def main(argv=None) -> int:
         "requests_compressed": c.get("compressed", 0),
         "rejected_400": c.get("rejected_400", 0),
         "exact_checks": c.get("exact_checks", 0),
-        "exact_mismatches": len(s.mismatches),
+        "exact_mismatches": len(s.mismatches) - c.get("retraction_mismatches", 0),
+        "retraction_checks": c.get("retraction_checks", 0),
+        "retraction_mismatches": c.get("retraction_mismatches", 0),
         "errors": c.get("errors", 0),
         "incomplete": c.get("incomplete", 0),
         "hung_client_threads": hung,
@@ -354,7 +383,7 @@ def main(argv=None) -> int:
         "mismatch_samples": s.mismatches[:5],
         "server_log": log_path,
     })
-    ok = (result["errors"] == 0 and result["incomplete"] == 0 and result["exact_mismatches"] == 0 and hung == 0
+    ok = (result["errors"] == 0 and result["incomplete"] == 0 and len(s.mismatches) == 0 and hung == 0
           and not any(log_errors.values()) and leak == 0 and final["tree_protected_tokens"] == 0
           and final["live_compressed_requests"] == 0 and final["pending_requests"] == 0
           and result["requests_completed"] > 0)
@@ -364,6 +393,7 @@ def main(argv=None) -> int:
     summary = {k: result[k] for k in ("ok", "elapsed_seconds", "requests_sent", "requests_completed",
                                       "requests_aborted_by_client", "requests_retracted", "retractions",
                                       "requests_compressed", "rejected_400", "exact_checks", "exact_mismatches",
+                                      "retraction_checks", "retraction_mismatches",
                                       "errors", "incomplete", "leaked_slots", "tree_protected_tokens", "log_errors")}
     print(json.dumps(summary, indent=2))
     print(f"results: {path}")

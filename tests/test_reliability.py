@@ -41,18 +41,22 @@ def corpus():
     return load_corpus(default_corpus_dir())
 
 
-@pytest.fixture(scope="module")
-def server(servers):
-    saved = {k: os.environ.get(k) for k in ENV}
-    os.environ.update(ENV)  # Server copies os.environ when it is constructed
+def server_with_env(servers, flags, env):
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # Server copies os.environ when it is constructed
     try:
-        return servers.get(*FLAGS)
+        return servers.get(*flags)
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def server(servers):
+    return server_with_env(servers, FLAGS, ENV)
 
 
 def prompt_ids(tokenizer, corpus, n_tokens, seed):
@@ -288,16 +292,7 @@ def test_forced_retractions_replay_exactly(servers, tokenizer, corpus):
     """SGLang's own retraction test switch (``SGLANG_TEST_RETRACT``: retract a decoding request every
     4th forward) on a roomy pool: compressed requests are retracted again and again, and each
     re-prefill replays the selection, so the tokens equal those of the request served alone."""
-    saved = {k: os.environ.get(k) for k in FORCED_ENV}
-    os.environ.update(FORCED_ENV)
-    try:
-        server = servers.get(*FORCED_FLAGS)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    server = server_with_env(servers, FORCED_FLAGS, FORCED_ENV)
     before = memory(server)
     new = 40
     prompts = [prompt_ids(tokenizer, corpus, 300, seed=7200 + i) for i in range(3)]

@@ -90,11 +90,22 @@ def fidelity(ref_ids: list[int], ref_top: list, ids: list[int], top: list) -> di
 # running one server (or one HF mode) over the samples
 # ----------------------------------------------------------------------------------------------
 
-def run_server_samples(server, samples: list[Sample], label: str, log=print, custom: Optional[dict] = None) -> list[dict]:
+WINDOW = 32  # the plugin's default observation window
+
+
+def small_window(budget: int) -> int:
+    """Window used at budgets that do not exceed the default window (budget 32 -> window 16)."""
+    return max(1, budget // 2)
+
+
+def run_server_samples(server, samples: list[Sample], label: str, log=print, custom: Optional[dict] = None,
+                       concurrency: int = 1) -> list[dict]:
     """Greedy generations for every sample; ``custom`` goes to ``sampling_params.custom_params``
-    (the plugin's per-request ``kv_*`` settings)."""
-    records = []
-    for s in samples:
+    (the plugin's per-request ``kv_*`` settings). ``concurrency`` requests are in flight at once
+    (greedy decoding; batching can change float rounding, rarely a token; their decode steps share
+    the weight reads)."""
+
+    def one(s: Sample) -> dict:
         kwargs = {}
         if s.metric == "fidelity":
             kwargs = {"return_logprob": True, "top_logprobs_num": TOP_LOGPROBS}
@@ -111,10 +122,16 @@ def run_server_samples(server, samples: list[Sample], label: str, log=print, cus
             rec["top_logprobs"] = [[[t[0], t[1]] for t in step] for step in meta.get("output_top_logprobs", [])]
         else:
             rec["score"] = score(s, out["text"])
-        records.append(rec)
         log(f"  [{label}] {s.task} seed={s.seed} {seconds:.1f}s -> {out['text'][:60]!r}"
             + (f" score={rec['score']:.2f}" if "score" in rec else ""))
-    return records
+        return rec
+
+    if concurrency <= 1:
+        return [one(s) for s in samples]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(one, samples))
 
 
 def run_hf_samples(model, tok, samples: list[Sample], mode: str, budget: int, protocol: str, label: str,
@@ -232,7 +249,8 @@ def write_markdown(result: dict, path: Path) -> None:
              f"samples per task and length: {result['config']['samples']}; greedy decoding; "
              f"server flags: `{' '.join(result['config']['server_flags'])}`. Protocol: **{result['config']['protocol']}** "
              "(the whole prompt, question included, is compressed after prefill; the window is the prompt's last "
-             f"{result['config']['window']} tokens). Wall time: {result['timings']['total_s'] / 60:.1f} min"
+             f"{result['config']['window']} tokens" + "".join(f"; {w} at budget {b}" for b, w in result["config"].get("small_budget_windows", {}).items())
+            + "). Wall time: {result['timings']['total_s'] / 60:.1f} min"
              f" (load average at the end {', '.join(f'{x:.1f}' for x in result['machine']['load_average_at_end'])}"
              f" on {result['machine']['cpus']} CPUs).", "",
              *([f"Runs: `--per-request`: one server started with `{' '.join(result['config']['shared_server_flags'] or ['(not started yet)'])}`, each "
@@ -403,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--kvpress-protocol", default="query-aware", choices=["query-aware", "query-agnostic"])
     ap.add_argument("--no-kvpress", action="store_true", help="skip the reference check")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the HF reference")
+    ap.add_argument("--concurrency", type=int, default=4, help="requests in flight per server run (outputs are greedy)")
     ap.add_argument("--per-request", action="store_true",
                     help="one compressing server for every policy/budget, chosen per request with the plugin's "
                          "sampling_params.custom_params kv_* keys (same engine path, no restart per run); the "
@@ -545,7 +564,9 @@ def _main(argv=None) -> int:
             "config": {"model": os.path.basename(str(model_path).rstrip("/")), "policies": args.policies,
                        "budgets": sorted(args.budgets), "budgets_run": done_budgets,
                        "lengths": args.lengths, "samples": args.samples, "tasks": args.tasks, "seed": args.seed,
-                       "protocol": args.protocol, "window": 32, "server_flags": base_flags,
+                       "protocol": args.protocol, "window": WINDOW,
+                       "small_budget_windows": {str(b): small_window(b) for b in sorted(args.budgets) if b <= WINDOW},
+                       "server_flags": base_flags,
                        "per_request": bool(args.per_request), "shared_server_flags": shared.get("flags"),
                        "corpus": str(corpus_dir) if corpus_dir else "synthetic",
                        "fidelity_corpus": str(fid_dir) if fid_dir else "synthetic", "top_logprobs": TOP_LOGPROBS},
@@ -573,6 +594,9 @@ def _main(argv=None) -> int:
             print("[quality] --resume: the previous run used other samples; starting afresh", flush=True)
 
     def server_run(key, policy, budget, extra=()):
+        if budget is not None and budget <= WINDOW:
+            # the budget includes the window and must exceed it: small budgets use half of it
+            extra = list(extra) + ["--kv-window", str(small_window(budget))]
         flags = base_flags + ["--kv-policy", policy] + ([] if budget is None else ["--kv-budget", str(budget)]) + list(extra)
         if args.per_request and policy != "none":
             t0 = time.time()
@@ -588,8 +612,8 @@ def _main(argv=None) -> int:
             custom = {"kv_policy": policy, "kv_budget": budget}
             it = iter(extra)
             for flag, value in zip(it, it):  # --kv-pooling avg -> kv_pooling
-                custom[flag[2:].replace("-", "_")] = value
-            records = run_server_samples(shared["server"], samples, key, custom=custom)
+                custom[flag[2:].replace("-", "_")] = int(value) if str(value).isdigit() else value
+            records = run_server_samples(shared["server"], samples, key, custom=custom, concurrency=args.concurrency)
             timings[key] = time.time() - t0
             return {"policy": policy, "budget": budget, "flags": shared["flags"], "custom_params": custom, "records": records}
         t0 = time.time()
@@ -598,7 +622,7 @@ def _main(argv=None) -> int:
         try:  # not ``with``: an interrupt during start-up must stop the server too
             server.start()
             print(f"[quality]   up in {time.time() - t0:.0f} s", flush=True)
-            records = run_server_samples(server, samples, key)
+            records = run_server_samples(server, samples, key, concurrency=args.concurrency)
         finally:
             server.stop()
         timings[key] = time.time() - t0
@@ -615,7 +639,8 @@ def _main(argv=None) -> int:
 
         t0 = time.time()
         key = "none" if policy == "none" else f"{policy}@{budget}"
-        runs[key] = {"policy": policy, "budget": budget, "flags": [], "records": run_server_samples(_Remote(), samples, key)}
+        runs[key] = {"policy": policy, "budget": budget, "flags": [],
+                     "records": run_server_samples(_Remote(), samples, key, concurrency=args.concurrency)}
         timings[key] = time.time() - t0
         args.policies, args.budgets = [policy], ([budget] if budget and policy != "none" else args.budgets)
     else:

@@ -250,7 +250,7 @@ def write_markdown(result: dict, path: Path) -> None:
              f"server flags: `{' '.join(result['config']['server_flags'])}`. Protocol: **{result['config']['protocol']}** "
              "(the whole prompt, question included, is compressed after prefill; the window is the prompt's last "
              f"{result['config']['window']} tokens" + "".join(f"; {w} at budget {b}" for b, w in result["config"].get("small_budget_windows", {}).items())
-            + "). Wall time: {result['timings']['total_s'] / 60:.1f} min"
+            + f"). Wall time: {result['timings']['total_s'] / 60:.1f} min"
              f" (load average at the end {', '.join(f'{x:.1f}' for x in result['machine']['load_average_at_end'])}"
              f" on {result['machine']['cpus']} CPUs).", "",
              *([f"Runs: `--per-request`: one server started with `{' '.join(result['config']['shared_server_flags'] or ['(not started yet)'])}`, each "

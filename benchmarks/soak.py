@@ -64,6 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--model", default=None)
     p.add_argument("--drain-seconds", type=float, default=600.0)
+    p.add_argument("--retract-pressure", action="store_true",
+                   help="admission reserves almost nothing for decode tokens (SGLANG_INIT_NEW_TOKEN_RATIO=0.05, "
+                        "SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION=8), so the scheduler retracts often")
     return p.parse_args(argv)
 
 
@@ -321,14 +324,17 @@ def main(argv=None) -> int:
 
     model = args.model or str(default_model_path())
     tokens = corpus_tokens(AutoTokenizer.from_pretrained(model))
-    os.environ.update(SERVER_ENV)  # the server copies os.environ when constructed
+    env = dict(SERVER_ENV)
+    if args.retract_pressure:
+        env.update({"SGLANG_INIT_NEW_TOKEN_RATIO": "0.05", "SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION": "8"})
+    os.environ.update(env)  # the server copies os.environ when constructed
     flags = ["--kv-policy", args.policy, "--kv-budget", str(args.budget), "--max-total-tokens", str(args.pool),
              "--chunked-prefill-size", str(args.chunk), "--log-level", "info"]
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     log_path = str(out_dir / f"soak-{stamp}.server.log")
-    result: dict = {"args": vars(args), "server_flags": flags, "server_env": SERVER_ENV}
+    result: dict = {"args": vars(args), "server_flags": flags, "server_env": env}
     with Server(model, flags, log_path=log_path) as server:
         soak = Soak(args, server, tokens)
         soak.prime_prefixes(random.Random(args.seed))

@@ -284,6 +284,16 @@ def test_retracted_compressed_requests_finish_with_the_same_output(server, token
     assert after["replayed_requests"] - before["replayed_requests"] == after["retracted_requests"] - before["retracted_requests"] > 0, (before, after)
 
 
+def test_debug_checks_ran_and_log_is_clean(server):
+    m = memory(server)
+    assert m["debug_checks"]["after_compression"] > 0 and m["debug_checks"]["after_release"] > 0, m
+    log = server.log_text()
+    for bad in ("Traceback", "AssertionError", "lava-sglang debug"):
+        assert bad not in log, bad
+
+
+# Last in this module: it starts a third server, and the pool (two live servers) may stop the
+# module's small-pool server to make room.
 FORCED_FLAGS = ("--kv-policy", "lava", "--kv-budget", "64", "--max-total-tokens", "4096")
 FORCED_ENV = {"LAVA_SGLANG_DEBUG": "1", "SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "4"}
 
@@ -306,11 +316,3 @@ def test_forced_retractions_replay_exactly(servers, tokenizer, corpus):
     assert_no_leak(server)
     log = server.log_text()
     assert "Testing retraction" in log and "Traceback" not in log and "lava-sglang debug" not in log
-
-
-def test_debug_checks_ran_and_log_is_clean(server):
-    m = memory(server)
-    assert m["debug_checks"]["after_compression"] > 0 and m["debug_checks"]["after_release"] > 0, m
-    log = server.log_text()
-    for bad in ("Traceback", "AssertionError", "lava-sglang debug"):
-        assert bad not in log, bad

@@ -585,7 +585,7 @@ def _main(argv=None) -> int:
     shared = {}
     if args.resume and (out_dir / "quality.json").is_file():
         previous = json.loads((out_dir / "quality.json").read_text())
-        if previous["samples"] == [s.to_dict() for s in samples]:
+        if previous["samples"] == json.loads(json.dumps([s.to_dict() for s in samples])):  # as stored (tuples -> lists)
             runs.update(previous["runs"])
             timings.update(previous["timings"]["runs"])
             command = previous["command"] + " ; resumed with: " + command

@@ -182,7 +182,8 @@ def make_vt(n_tokens, seed, corpus=None, tokenizer=None, hops: int = 4) -> Sampl
     names = set()
     while len(names) < hops + 1:
         names.add("".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5)))
-    names = sorted(names, key=lambda _: rng.random())
+    # sorted first: a set's order depends on the process's string hash seed
+    names = sorted(sorted(names), key=lambda _: rng.random())
     value = _number(rng, 5)
     chain = [f"VAR {names[0]} = {value}."] + [f"VAR {names[i + 1]} = VAR {names[i]}." for i in range(hops)]
     header = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"

@@ -66,7 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--drain-seconds", type=float, default=600.0)
     p.add_argument("--retract-pressure", action="store_true",
                    help="admission reserves almost nothing for decode tokens (SGLANG_INIT_NEW_TOKEN_RATIO=0.05, "
-                        "SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION=8), so the scheduler retracts often")
+                        "SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION=8), making retractions likely with long outputs (a 10-minute run "
+                        "with the default --max-new 48 still saw none)")
     return p.parse_args(argv)
 
 

@@ -55,7 +55,7 @@ def test_replay_attention_matches_decode_visibility(chunk_lo):
     req_to_token = torch.zeros(3, 40, dtype=torch.int32)
     req_to_token[row, :S] = torch.randperm(pool_size - 1)[:S].to(torch.int32) + 1
     keep = [[torch.tensor(sorted(torch.randperm(L - P)[:4].add(P).tolist())) for _ in range(Hkv)] for _ in range(n_layers)]
-    saved = RetractedRequest("r", None, P, L, keep, {})
+    saved = RetractedRequest("r", None, P, L, keep)
     pending = PendingRequest(rid="r", row=row, config=None, prefix_len=P, prompt_len=L, replay=saved)
     n_tok = S - chunk_lo
     other = 4  # another request's tokens first in the batch

@@ -77,7 +77,6 @@ class RetractedRequest:
     prefix_len: int
     prompt_len: int
     keep: list
-    report: dict
 
 
 class Registry:
@@ -98,7 +97,7 @@ class Registry:
 
     def remember_retracted(self, state: CompressedRequest, limit: int = 4096) -> None:
         self.retracted[state.rid] = RetractedRequest(state.rid, state.config, state.prefix_len, state.prompt_len,
-                                                     state.keep, dict(state.report))
+                                                     state.keep)
         while len(self.retracted) > limit:
             self.retracted.popitem(last=False)
         self.totals["retracted_requests"] += 1

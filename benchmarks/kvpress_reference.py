@@ -143,6 +143,131 @@ def _ours_select(model, cache, capture: _QueryCapture, cfg):
     return sel, masks
 
 
+class _PressFanOut:
+    """Forward hooks that give every press its own copy of each layer's prefill keys and values
+    and run that press's own ``forward_hook`` (kvpress's code) on it, so one prefill serves
+    several presses and budgets.
+
+    Exact because kvpress compresses a layer's cache *after* the layer's attention ran over the
+    full prompt: the prefill's hidden states, and the logits of its last token, do not depend on
+    the press; only the cache left behind does. AdaKV keeps every key and records
+    ``module.masked_key_indices`` (module state): it is saved per press and layer here and put
+    back on the modules while that press decodes. Checked against one ``with press(model)``
+    prefill per press in ``tests/test_kvpress_reference.py``."""
+
+    def __init__(self, model, presses: dict):
+        from transformers import DynamicCache
+
+        self.presses = presses  # key -> kvpress press, or None for the uncompressed cache
+        self.caches = {k: DynamicCache() for k in presses}
+        self.masks: dict = {k: {} for k in presses}
+        for press in presses.values():
+            if press is not None:
+                press.post_init_from_model(model)
+        self.handles = [layer.self_attn.register_forward_hook(self._hook, with_kwargs=True)
+                        for layer in model.model.layers]
+
+    def _hook(self, module, input, kwargs, output):
+        layer = module.layer_idx
+        full = kwargs["past_key_values"].layers[layer]
+        for key, press in self.presses.items():
+            cache = self.caches[key]
+            cache.update(full.keys, full.values, layer)  # the first write of this layer: the full prefill
+            if press is None:
+                continue
+            module.masked_key_indices = None
+            press.forward_hook(module, input, dict(kwargs, past_key_values=cache), output)
+            self.masks[key][layer] = getattr(module, "masked_key_indices", None)
+            module.masked_key_indices = None
+        return output
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _forward(model, cache, tokens: list[int], start: int):
+    # Explicit positions: a physically compressed cache is shorter than the logical sequence
+    # (kvpress's own pipeline does the same); ``cache_position`` is what kvpress's hook reads.
+    pos = torch.arange(start, start + len(tokens))
+    return model(input_ids=torch.tensor([tokens]), position_ids=pos[None], cache_position=pos,
+                 past_key_values=cache, use_cache=True)
+
+
+def _set_masks(model, masks: Optional[dict]) -> None:
+    """kvpress's head-wise key masks per layer (``None``: no mask)."""
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn.masked_key_indices = (masks or {}).get(i)
+
+
+def _greedy(model, tok, cache, logits, start: int, max_new_tokens: int, top_logprobs: int) -> tuple[list, list]:
+    """Greedy decoding from the prefill's last logits; token ``i`` is fed at position ``start + i``."""
+    generated, tops = [], []
+    eos = tok.eos_token_id
+    for step in range(max_new_tokens):
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        nxt = int(torch.argmax(logp))
+        if top_logprobs:
+            v, i = torch.topk(logp, top_logprobs)
+            tops.append([[float(a), int(b)] for a, b in zip(v, i)])
+        generated.append(nxt)
+        if nxt == eos or step == max_new_tokens - 1:
+            break
+        logits = _forward(model, cache, [nxt], start + step).logits[0, -1]
+    return generated, tops
+
+
+def _split_protocol(tok, context: str, question: str, protocol: str) -> tuple[list[int], list[int], list[int]]:
+    """(all ids, the part compressed, the part fed afterwards uncompressed)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    ids, n_ctx = split_ids(tok, context, question)
+    if protocol == "query-agnostic" and n_ctx < len(ids):
+        return ids, ids[:n_ctx], ids[n_ctx:]
+    return ids, ids, []
+
+
+@torch.no_grad()
+def hf_generate_many(model, tok, context: str, question: str, max_new_tokens: int, runs: dict,
+                     protocol: str = "query-aware", window: int = 32, kernel_size: int = 7, alpha: float = 0.2,
+                     top_logprobs: int = 0) -> dict:
+    """One prefill, then greedy generation for every ``runs`` entry ``key -> (mode, budget)``
+    with mode ``none``, ``kvpress-snapkv`` or ``kvpress-adakv``; returns ``key -> result``
+    (the :func:`hf_generate` shape). Same outputs as one :func:`hf_generate` call per entry."""
+    from transformers import DynamicCache
+
+    ids, first, rest = _split_protocol(tok, context, question, protocol)
+    n = len(first)
+    presses = {}
+    for key, (mode, budget) in runs.items():
+        if mode != "none" and not mode.startswith("kvpress-"):
+            raise ValueError(f"hf_generate_many: unsupported mode {mode!r} (none, kvpress-snapkv, kvpress-adakv)")
+        presses[key] = None if mode == "none" else make_press(mode, budget, n, window, kernel_size, alpha)
+    t0 = time.perf_counter()
+    fan = _PressFanOut(model, presses)
+    try:
+        out = _forward(model, DynamicCache(), first, 0)
+    finally:
+        fan.remove()
+        _set_masks(model, None)
+    prefill_s = time.perf_counter() - t0
+    results = {}
+    for key, (mode, budget) in runs.items():
+        t1 = time.perf_counter()
+        cache = fan.caches[key]
+        _set_masks(model, fan.masks[key])
+        try:
+            logits = (_forward(model, cache, rest, n) if rest else out).logits[0, -1]
+            generated, tops = _greedy(model, tok, cache, logits, len(ids), max_new_tokens, top_logprobs)
+        finally:
+            _set_masks(model, None)  # never leak masks into the next run
+        info = {"prompt_tokens": len(ids), "compressed_tokens": n if presses[key] is not None else 0,
+                "protocol": protocol, "prefill_s": round(prefill_s, 3), "decode_s": round(time.perf_counter() - t1, 3)}
+        results[key] = {"text": tok.decode(generated, skip_special_tokens=True), "output_ids": generated,
+                        "top_logprobs": tops, "info": info}
+    return results
+
+
 @torch.no_grad()
 def hf_generate(model, tok, context: str, question: str, max_new_tokens: int, mode: str = "none", budget: int = 128,
                 protocol: str = "query-aware", window: int = 32, kernel_size: int = 7, alpha: float = 0.2,
@@ -155,69 +280,42 @@ def hf_generate(model, tok, context: str, question: str, max_new_tokens: int, mo
 
     from lava_sglang.config import CompressionConfig
 
-    if protocol not in PROTOCOLS:
-        raise ValueError(protocol)
-    ids, n_ctx = split_ids(tok, context, question)
-    if protocol == "query-agnostic" and n_ctx < len(ids):
-        first, rest = ids[:n_ctx], ids[n_ctx:]
-    else:
-        first, rest = ids, []
+    ids, first, rest = _split_protocol(tok, context, question, protocol)
     n = len(first)
     cache = DynamicCache()
     t0 = time.perf_counter()
-
-    def forward(tokens, start):
-        # Explicit positions: a physically compressed cache is shorter than the logical sequence
-        # (kvpress's own pipeline does the same); ``cache_position`` is what kvpress's hook reads.
-        pos = torch.arange(start, start + len(tokens))
-        return model(input_ids=torch.tensor([tokens]), position_ids=pos[None], cache_position=pos,
-                     past_key_values=cache, use_cache=True)
-
     info = {"prompt_tokens": len(ids), "compressed_tokens": 0, "protocol": protocol}
-    press = None
-    if mode.startswith("kvpress-"):
-        press = make_press(mode, budget, n, window, kernel_size, alpha)
+    press = make_press(mode, budget, n, window, kernel_size, alpha) if mode.startswith("kvpress-") else None
+    masks = None
     if press is not None:
         with press(model):
-            out = forward(first, 0)
+            out = _forward(model, cache, first, 0)
+        masks = {i: getattr(layer.self_attn, "masked_key_indices", None) for i, layer in enumerate(model.model.layers)}
         info["compressed_tokens"] = n
     elif mode.startswith("ours-") and n > budget:
         cfg = CompressionConfig(policy=mode[len("ours-"):], budget=budget, window=window, pooling=pooling,
                                 kernel_size=kernel_size, floor_alpha=alpha).validate()
         capture = _QueryCapture(model, window)
         try:
-            out = forward(first, 0)
+            out = _forward(model, cache, first, 0)
         finally:
             capture.remove()
-        sel, masks = _ours_select(model, cache, capture, cfg)
-        for layer, m in zip(model.model.layers, masks):
-            layer.self_attn.masked_key_indices = m
+        sel, mask_list = _ours_select(model, cache, capture, cfg)
+        masks = dict(enumerate(mask_list))
         info["compressed_tokens"] = n
         info["kept_cells"] = sel.kept_cells
     else:
         if mode != "none" and not mode.startswith(("ours-", "kvpress-")):
             raise ValueError(f"unknown mode {mode!r}")
-        out = forward(first, 0)
-    if rest:
-        out = forward(rest, n)
-    prefill_s = time.perf_counter() - t0
-    generated, tops = [], []
-    logits = out.logits[0, -1]
-    eos = tok.eos_token_id
-    for step in range(max_new_tokens):
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        nxt = int(torch.argmax(logp))
-        if top_logprobs:
-            v, i = torch.topk(logp, top_logprobs)
-            tops.append([[float(a), int(b)] for a, b in zip(v, i)])
-        generated.append(nxt)
-        if nxt == eos or step == max_new_tokens - 1:
-            break
-        out = forward([nxt], len(ids) + step)
-        logits = out.logits[0, -1]
-    for layer in model.model.layers:  # never leak masks into the next prompt
-        if hasattr(layer.self_attn, "masked_key_indices"):
-            layer.self_attn.masked_key_indices = None
+        out = _forward(model, cache, first, 0)
+    _set_masks(model, masks)
+    try:
+        if rest:
+            out = _forward(model, cache, rest, n)
+        prefill_s = time.perf_counter() - t0
+        generated, tops = _greedy(model, tok, cache, out.logits[0, -1], len(ids), max_new_tokens, top_logprobs)
+    finally:
+        _set_masks(model, None)  # never leak masks into the next prompt
     info.update(prefill_s=round(prefill_s, 3), total_s=round(time.perf_counter() - t0, 3))
     return {"text": tok.decode(generated, skip_special_tokens=True), "output_ids": generated,
             "top_logprobs": tops, "info": info}

@@ -5,8 +5,13 @@ time, via :class:`lava_sglang.launch.Server`), sends the task prompts of
 :mod:`benchmarks.tasks` over HTTP with greedy decoding, scores the answers, and compares the
 ``fidelity`` task's continuations with those of the ``--kv-policy none`` server (run first;
 it is also the accuracy reference). Optionally runs the same prompts through HF transformers
-+ kvpress (:mod:`benchmarks.kvpress_reference`) next to servers started with
-``--kv-pooling avg`` (kvpress's SnapKV avg-pools), for a side-by-side reference check.
++ kvpress (:mod:`benchmarks.kvpress_reference`, one HF prefill per prompt for every press and
+budget) next to our server with ``--kv-pooling avg`` (kvpress's SnapKV avg-pools), for a
+side-by-side reference check (``--kvpress-samples N``: on the first N samples of each task).
+
+Long runs can be split: run disjoint ``--budgets`` / ``--policies`` in separate processes (each
+pinned to a core), then ``--merge DIR...`` their ``--out`` directories; the merge runs whatever
+is still missing (e.g. the reference check) and writes one result.
 
 Writes, under ``--out``: ``quality.json`` (every sample's output and score, aggregates, the
 command, sample counts and timings), ``quality.md`` (tables), ``quality.png`` (mean accuracy
@@ -134,26 +139,34 @@ def run_server_samples(server, samples: list[Sample], label: str, log=print, cus
         return list(pool.map(one, samples))
 
 
-def run_hf_samples(model, tok, samples: list[Sample], mode: str, budget: int, protocol: str, label: str,
-                   log=print) -> list[dict]:
-    from benchmarks.kvpress_reference import hf_generate
+def run_hf_reference(model, tok, samples: list[Sample], modes: dict, protocol: str, log=print) -> dict:
+    """The research-harness side: every sample through HF transformers + kvpress, one prefill per
+    sample for all ``modes`` (``key -> (mode, budget)``, see
+    :func:`benchmarks.kvpress_reference.hf_generate_many`); returns ``key -> records``."""
+    from benchmarks.kvpress_reference import hf_generate_many
 
-    records = []
+    records: dict = {key: [] for key in modes}
     for s in samples:
         t0 = time.perf_counter()
-        r = hf_generate(model, tok, s.context, s.question, s.max_new_tokens, mode=mode, budget=budget,
-                        protocol=protocol, top_logprobs=TOP_LOGPROBS if s.metric == "fidelity" else 0)
-        seconds = time.perf_counter() - t0
-        rec = {"task": s.task, "seed": s.seed, "n_tokens": s.n_tokens, "text": r["text"], "output_ids": r["output_ids"],
-               "prompt_tokens": r["info"]["prompt_tokens"], "seconds": round(seconds, 3)}
-        if s.metric == "fidelity":
-            rec["top_logprobs"] = r["top_logprobs"]
-        else:
-            rec["score"] = score(s, r["text"])
-        records.append(rec)
-        log(f"  [{label}] {s.task} seed={s.seed} {seconds:.1f}s -> {r['text'][:60]!r}"
-            + (f" score={rec['score']:.2f}" if "score" in rec else ""))
+        results = hf_generate_many(model, tok, s.context, s.question, s.max_new_tokens, modes, protocol=protocol,
+                                   top_logprobs=TOP_LOGPROBS if s.metric == "fidelity" else 0)
+        for key, r in results.items():
+            rec = {"task": s.task, "seed": s.seed, "n_tokens": s.n_tokens, "text": r["text"], "output_ids": r["output_ids"],
+                   "prompt_tokens": r["info"]["prompt_tokens"],
+                   "seconds": round(r["info"]["prefill_s"] + r["info"]["decode_s"], 3)}
+            if s.metric == "fidelity":
+                rec["top_logprobs"] = r["top_logprobs"]
+            else:
+                rec["score"] = score(s, r["text"])
+            records[key].append(rec)
+        log(f"  [hf] {s.task} seed={s.seed} {time.perf_counter() - t0:.1f}s ({len(modes)} runs, one prefill) -> "
+            + ", ".join(f"{k}: {r['text'][:16]!r}" for k, r in results.items()))
     return records
+
+
+def reference_samples(samples: list[Sample], per_task: Optional[int], seed0: int) -> list[Sample]:
+    """The first ``per_task`` samples of every task and length (all when ``None``)."""
+    return [s for s in samples if per_task is None or s.seed - seed0 < per_task]
 
 
 def add_fidelity(records: list[dict], reference: list[dict]) -> None:
@@ -241,6 +254,80 @@ def _cell(summary: Optional[dict], task: str) -> str:
     return f"{v['token_match']:.0f} / {v['kl']:.3f}"
 
 
+def summary_row(summary: Optional[dict]) -> tuple:
+    """(tasks mean %, fidelity token match %, fidelity KL) of one run at one length (NaN: not run)."""
+    nan = float("nan")
+    if not summary:
+        return nan, nan, nan
+    fid = summary.get("fidelity") or {}
+    return summary.get("mean", {}).get("accuracy", nan), fid.get("token_match", nan), fid.get("kl", nan)
+
+
+def paired(a: list[dict], b: list[dict]) -> dict:
+    """Sample by sample, run ``a`` against run ``b`` on the same prompts: how often ``a`` scores
+    higher / the same / lower on the scored tasks, and has lower / equal / higher KL on fidelity."""
+    bi = {(r["task"], r["seed"], r["n_tokens"]): r for r in b}
+    out = {"score": [0, 0, 0], "kl": [0, 0, 0]}
+    for r in a:
+        o = bi.get((r["task"], r["seed"], r["n_tokens"]))
+        if o is None:
+            continue
+        if "score" in r and "score" in o and not (math.isnan(r["score"]) or math.isnan(o["score"])):
+            out["score"][0 if r["score"] > o["score"] else 1 if r["score"] == o["score"] else 2] += 1
+        elif "kl" in r and "kl" in o and not (math.isnan(r["kl"]) or math.isnan(o["kl"])):
+            out["kl"][0 if r["kl"] < o["kl"] - 1e-9 else 1 if abs(r["kl"] - o["kl"]) <= 1e-9 else 2] += 1
+    return out
+
+
+def _summary_lines(result: dict, length: int) -> list[str]:
+    """One compact table (tasks mean / fidelity % / KL per policy and budget, best per budget in
+    bold) and LAVa against every baseline, sample by sample."""
+    runs, budgets = result["runs"], result["config"]["budgets"]
+    policies = result["config"]["policies"]
+    key = lambda p, b: p if p == "none" else f"{p}@{b}"  # noqa: E731
+    vals = {(p, b): summary_row((runs.get(key(p, b)) or {}).get("summary", {}).get(str(length)))
+            for p in policies for b in budgets}
+    best = {}
+    for b in budgets:
+        comp = [vals[(p, b)] for p in policies if p != "none"]
+        for i, pick in ((0, max), (1, max), (2, min)):
+            col = [v[i] for v in comp if not math.isnan(v[i])]
+            best[(b, i)] = pick(col) if col else None
+
+    def fmt(v, b, i):
+        if math.isnan(v):
+            return "-"
+        text = f"{v:.3f}" if i == 2 else f"{v:.0f}"
+        return f"**{text}**" if best[(b, i)] is not None and text == (f"{best[(b, i)]:.3f}" if i == 2 else f"{best[(b, i)]:.0f}") else text
+
+    lines = ["| policy | " + " | ".join(f"b={b}: tasks mean / fidelity % / KL" for b in budgets) + " |",
+             "|" + "---|" * (len(budgets) + 1)]
+    for p in policies:
+        cells = [" / ".join(fmt(v, b, i) if p != "none" else ("-" if math.isnan(v) else (f"{v:.3f}" if i == 2 else f"{v:.0f}"))
+                            for i, v in enumerate(vals[(p, b)])) for b in budgets]
+        lines.append(f"| {'none (full cache)' if p == 'none' else p} | " + " | ".join(cells) + " |")
+    lines.append("")
+    if "lava" in policies:
+        lines += ["LAVa against each baseline on the same prompts, sample by sample: scored tasks "
+                  "`lava higher / same / lower`, then fidelity KL `lava lower / same / higher`.", "",
+                  "| baseline | " + " | ".join(f"b={b}" for b in budgets) + " |", "|" + "---|" * (len(budgets) + 1)]
+        for p in policies:
+            if p in ("none", "lava"):
+                continue
+            cells = []
+            for b in budgets:
+                a, o = runs.get(f"lava@{b}"), runs.get(f"{p}@{b}")
+                if not a or not o:
+                    cells.append("-")
+                    continue
+                a_recs = [r for r in a["records"] if r["n_tokens"] == length]
+                x = paired(a_recs, [r for r in o["records"] if r["n_tokens"] == length])
+                cells.append(f"tasks {'/'.join(map(str, x['score']))}; KL {'/'.join(map(str, x['kl']))}")
+            lines.append(f"| {p} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
 def write_markdown(result: dict, path: Path) -> None:
     runs, budgets, tasks = result["runs"], result["config"]["budgets"], result["config"]["tasks"]
     lines = [f"# Quality benchmark ({result['config']['protocol']})", "",
@@ -250,8 +337,10 @@ def write_markdown(result: dict, path: Path) -> None:
              f"server flags: `{' '.join(result['config']['server_flags'])}`. Protocol: **{result['config']['protocol']}** "
              "(the whole prompt, question included, is compressed after prefill; the window is the prompt's last "
              f"{result['config']['window']} tokens" + "".join(f"; {w} at budget {b}" for b, w in result["config"].get("small_budget_windows", {}).items())
-            + f"). Wall time: {result['timings']['total_s'] / 60:.1f} min"
-             f" (load average at the end {', '.join(f'{x:.1f}' for x in result['machine']['load_average_at_end'])}"
+            + (f"). Wall time: {result['timings']['total_s'] / 60:.1f} min" if not result["config"].get("merged_from") else
+               f"). Merged from {len(result['config']['merged_from'])} runs (`--merge`; their commands above); "
+               f"sum of the run times: {sum(result['timings']['runs'].values()) / 60:.0f} min")
+            + f" (load average at the end {', '.join(f'{x:.1f}' for x in result['machine']['load_average_at_end'])}"
              f" on {result['machine']['cpus']} CPUs).", "",
              *([f"Runs: `--per-request`: one server started with `{' '.join(result['config']['shared_server_flags'] or ['(not started yet)'])}`, each "
                 "policy/budget chosen per request with `sampling_params.custom_params` (`kv_policy`, `kv_budget`, "
@@ -264,6 +353,11 @@ def write_markdown(result: dict, path: Path) -> None:
              "niah_multivalue/vt/cwe). `fidelity`: % of the uncompressed server's greedy tokens reproduced / mean KL "
              f"(nats, from top-{TOP_LOGPROBS} logprobs) over the steps whose prefix still matches. "
              "`none` has no budget (the same run repeated in every column).", ""]
+    for length in result["config"]["lengths"]:
+        lines += [f"## Summary, {length}-token prompts", "",
+                  "`tasks mean`: mean accuracy (%) of the scored tasks; fidelity % and KL from the fidelity task; "
+                  "best compressed policy per budget in bold.", ""]
+        lines += _summary_lines(result, length)
     for length in result["config"]["lengths"]:
         lines += [f"## {length}-token prompts", ""]
         header = "| task | policy | " + " | ".join(f"b={b}" for b in budgets) + " |"
@@ -281,8 +375,13 @@ def write_markdown(result: dict, path: Path) -> None:
         lines.append("")
     ref = result.get("reference")
     if ref:
+        n_ref = result["config"].get("kvpress_samples") or result["config"]["samples"]
         lines += ["## Reference check: the same prompts through HF transformers + kvpress", "",
-                  f"kvpress {ref['kvpress_version']}, protocol {ref['protocol']}; our server with "
+                  f"On the first {n_ref} samples of every task (of {result['config']['samples']}); every row of this "
+                  "table, `server none` included, is scored on those samples only. "
+                  f"kvpress {ref['kvpress_version']}, protocol {ref['protocol']}, one HF prefill per prompt shared by "
+                  "every press and budget (each press compresses its own copy of the cache with kvpress's own hook); "
+                  "our server with "
                   f"`--kv-pooling avg` (kvpress's SnapKV avg-pools; window {result['config']['window']}, kernel 7, "
                   "AdaKV alpha 0.2 -- kvpress's AdaKV floor is a different formula from the AdaKV/LAVa reference "
                   "code's, so adakv is only expected to be close). `HF none` vs `server none` checks the two engines "
@@ -401,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     ap.add_argument("--budgets", nargs="+", type=int, default=list(BUDGETS))
-    ap.add_argument("--lengths", nargs="+", type=int, default=[1500], help="prompt lengths in tokens")
+    ap.add_argument("--lengths", nargs="+", type=int, default=[1000], help="prompt lengths in tokens")
     ap.add_argument("--samples", type=int, default=20, help="samples per task and length")
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     ap.add_argument("--seed", type=int, default=0, help="first sample seed (samples use seed, seed+1, ...)")
@@ -418,6 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--kvpress", nargs="*", default=None, choices=["snapkv", "adakv"],
                     help="reference check: run these kvpress presses (default snapkv adakv) and our server with --kv-pooling avg")
     ap.add_argument("--kvpress-budgets", nargs="+", type=int, default=None, help="default: --budgets")
+    ap.add_argument("--kvpress-samples", type=int, default=None,
+                    help="reference check on the first N samples of every task (default: all --samples)")
     ap.add_argument("--kvpress-protocol", default="query-aware", choices=["query-aware", "query-agnostic"])
     ap.add_argument("--no-kvpress", action="store_true", help="skip the reference check")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the HF reference")
@@ -427,6 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "sampling_params.custom_params kv_* keys (same engine path, no restart per run); the "
                          "none reference still gets its own --kv-policy none server")
     ap.add_argument("--out", default=str(RESULTS_DIR))
+    ap.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                    help="start from the runs of these earlier --out directories (same samples; e.g. budgets run in "
+                         "parallel processes), then run what is still missing and write --out")
     ap.add_argument("--resume", action="store_true",
                     help="keep the runs already in --out/quality.json (same samples) and run only the missing ones")
     ap.add_argument("--hf-reference", default=None,
@@ -535,8 +639,10 @@ def _main(argv=None) -> int:
         for L in args.lengths:
             sel = lambda key: [r for r in runs[key]["records"] if r["n_tokens"] == L]  # noqa: E731
             if "hf-none" in runs:
-                if reference is not None:
-                    rows.append({"length": L, "budget": None, "label": "server none", "summary": runs["none"]["summary"][str(L)]})
+                if reference is not None:  # on the reference check's samples
+                    ref_keys = {(r["task"], r["seed"]) for r in sel("hf-none")}
+                    rows.append({"length": L, "budget": None, "label": "server none",
+                                 "summary": summarize([r for r in sel("none") if (r["task"], r["seed"]) in ref_keys])})
                 same = same_outputs(sel("hf-none"), sel("none")) if reference is not None else None
                 rows.append({"length": L, "budget": None, "label": "HF none", "summary": runs["hf-none"]["summary"][str(L)],
                              "same_ids": f"{same['identical']}/{same['of']} vs server none" if same else ""})
@@ -568,6 +674,7 @@ def _main(argv=None) -> int:
                        "small_budget_windows": {str(b): small_window(b) for b in sorted(args.budgets) if b <= WINDOW},
                        "server_flags": base_flags,
                        "per_request": bool(args.per_request), "shared_server_flags": shared.get("flags"),
+                       "merged_from": merged_from, "kvpress_samples": args.kvpress_samples or args.samples,
                        "corpus": str(corpus_dir) if corpus_dir else "synthetic",
                        "fidelity_corpus": str(fid_dir) if fid_dir else "synthetic", "top_logprobs": TOP_LOGPROBS},
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
@@ -583,17 +690,34 @@ def _main(argv=None) -> int:
         return result
 
     shared = {}
-    if args.resume and (out_dir / "quality.json").is_file():
-        previous = json.loads((out_dir / "quality.json").read_text())
-        if previous["samples"] == json.loads(json.dumps([s.to_dict() for s in samples])):  # as stored (tuples -> lists)
-            runs.update(previous["runs"])
-            timings.update(previous["timings"]["runs"])
-            command = previous["command"] + " ; resumed with: " + command
-            print(f"[quality] resuming: {', '.join(runs)} already done", flush=True)
-        else:
+    stored = json.loads(json.dumps([s.to_dict() for s in samples]))  # as stored (tuples -> lists)
+    sources = [Path(d) for d in args.merge or []] + ([out_dir] if args.resume else [])
+    merged_from = []
+    for src in sources:
+        if not (src / "quality.json").is_file():
+            if src != out_dir:
+                ap.error(f"--merge {src}: no quality.json there")
+            continue
+        previous = json.loads((src / "quality.json").read_text())
+        if previous["samples"] != stored:
+            if src != out_dir:
+                ap.error(f"--merge {src}: its samples differ from this command's (tasks, lengths, samples, seed, corpus)")
             print("[quality] --resume: the previous run used other samples; starting afresh", flush=True)
+            continue
+        for key, run in previous["runs"].items():
+            if key in runs and [r["output_ids"] for r in runs[key]["records"]] != [r["output_ids"] for r in run["records"]]:
+                raise SystemExit(f"[quality] {src}: run {key} differs from the same run in an earlier source")
+            runs.setdefault(key, run)
+        for key, seconds in previous["timings"]["runs"].items():
+            timings[key if key not in timings else f"{key} ({src.name})"] = seconds
+        merged_from.append({"dir": str(src), "command": previous["command"],
+                            "shared_server_flags": previous["config"].get("shared_server_flags")})
+        print(f"[quality] from {src}: {', '.join(previous['runs'])}", flush=True)
+    if merged_from:
+        command = " ; ".join([m["command"] for m in merged_from] + ["merged and completed with: " + command])
+        shared["flags"] = next((m["shared_server_flags"] for m in merged_from if m["shared_server_flags"]), None)
 
-    def server_run(key, policy, budget, extra=()):
+    def server_run(key, policy, budget, extra=(), run_samples=samples):
         if budget is not None and budget <= WINDOW:
             # the budget includes the window and must exceed it: small budgets use half of it
             extra = list(extra) + ["--kv-window", str(small_window(budget))]
@@ -613,7 +737,7 @@ def _main(argv=None) -> int:
             it = iter(extra)
             for flag, value in zip(it, it):  # --kv-pooling avg -> kv_pooling
                 custom[flag[2:].replace("-", "_")] = int(value) if str(value).isdigit() else value
-            records = run_server_samples(shared["server"], samples, key, custom=custom, concurrency=args.concurrency)
+            records = run_server_samples(shared["server"], run_samples, key, custom=custom, concurrency=args.concurrency)
             timings[key] = time.time() - t0
             return {"policy": policy, "budget": budget, "flags": shared["flags"], "custom_params": custom, "records": records}
         t0 = time.time()
@@ -622,7 +746,7 @@ def _main(argv=None) -> int:
         try:  # not ``with``: an interrupt during start-up must stop the server too
             server.start()
             print(f"[quality]   up in {time.time() - t0:.0f} s", flush=True)
-            records = run_server_samples(server, samples, key, concurrency=args.concurrency)
+            records = run_server_samples(server, run_samples, key, concurrency=args.concurrency)
         finally:
             server.stop()
         timings[key] = time.time() - t0
@@ -645,9 +769,9 @@ def _main(argv=None) -> int:
         args.policies, args.budgets = [policy], ([budget] if budget and policy != "none" else args.budgets)
     else:
         try:
-            # none first (the reference), then budget by budget in the order given: every policy, then
-            # the reference check at that budget. Results are saved after every run.
-            hf = {}
+            # none first (the reference), then budget by budget in the order given, every policy;
+            # then the reference check. Results are saved after every run; runs already done
+            # (--resume, --merge) are skipped.
             if "none" in args.policies and "none" not in runs:
                 runs["none"] = server_run("none", "none", None)
                 save()
@@ -656,28 +780,30 @@ def _main(argv=None) -> int:
                     if policy != "none" and f"{policy}@{budget}" not in runs:
                         runs[f"{policy}@{budget}"] = server_run(f"{policy}@{budget}", policy, budget)
                         save()
-                if budget not in kv_budgets:
-                    continue
-                if not hf:
-                    from benchmarks.kvpress_reference import load_hf
+            ref_samples = reference_samples(samples, args.kvpress_samples, args.seed)
+            hf_modes = {key: (mode, budget) for key, mode, budget in
+                        [("hf-none", "none", 0)] + [(f"kvpress-{p}@{b}", f"kvpress-{p}", b) for b in kv_budgets
+                                                    for p in args.kvpress or []]
+                        if key not in runs}
+            if kv_budgets and any(key != "hf-none" for key in hf_modes):
+                from benchmarks.kvpress_reference import load_hf
 
-                    t0 = time.time()
-                    hf["model"], _ = load_hf(model_path, args.threads)
-                    print("[quality] HF none (reference check)", flush=True)
-                    runs["hf-none"] = {"policy": "hf-none", "budget": None, "protocol": args.kvpress_protocol,
-                                       "records": run_hf_samples(hf["model"], tok, samples, "none", 0, args.kvpress_protocol, "hf-none")}
-                    timings["hf-none"] = time.time() - t0
+                t0 = time.time()
+                model, _ = load_hf(model_path, args.threads)
+                print(f"[quality] HF + kvpress reference on {len(ref_samples)} samples: {', '.join(hf_modes)}", flush=True)
+                hf_records = run_hf_reference(model, tok, ref_samples, hf_modes, args.kvpress_protocol)
+                for key, (mode, budget) in hf_modes.items():
+                    runs[key] = {"policy": key.partition("@")[0], "budget": budget or None,
+                                 "protocol": args.kvpress_protocol, "records": hf_records[key]}
+                timings["hf-reference (" + ", ".join(hf_modes) + ")"] = time.time() - t0
+                save()
+            for budget in kv_budgets:
                 for press in args.kvpress:
                     key = f"{press}-avg@{budget}"
-                    runs[key] = server_run(key, press, budget, ["--kv-pooling", "avg"])
-                    runs[key]["pooling"] = "avg"
-                    t0 = time.time()
-                    hk = f"kvpress-{press}@{budget}"
-                    runs[hk] = {"policy": f"kvpress-{press}", "budget": budget, "protocol": args.kvpress_protocol,
-                                "records": run_hf_samples(hf["model"], tok, samples, f"kvpress-{press}", budget,
-                                                          args.kvpress_protocol, hk)}
-                    timings[hk] = time.time() - t0
-                    save()
+                    if key not in runs:
+                        runs[key] = server_run(key, press, budget, ["--kv-pooling", "avg"], run_samples=ref_samples)
+                        runs[key]["pooling"] = "avg"
+                        save()
         finally:
             if "server" in shared:
                 shared["server"].stop()

@@ -77,9 +77,7 @@ class _FakeServer:
         return {"text": f" {answer} " + " ".join(map(str, ids)), "output_ids": ids, "meta_info": meta}
 
 
-@pytest.mark.parametrize("per_request", [False, True])
-def test_pipeline_without_servers(tmp_path, monkeypatch, per_request):
-    """JSON, markdown and plots from canned server/HF outputs, in seconds (both run modes)."""
+def _fake_hf(monkeypatch):
     import benchmarks.kvpress_reference as kr
     import benchmarks.quality as q
     import lava_sglang.launch as launch
@@ -87,8 +85,17 @@ def test_pipeline_without_servers(tmp_path, monkeypatch, per_request):
     _FakeServer.started = []
     monkeypatch.setattr(launch, "Server", _FakeServer)
     monkeypatch.setattr(kr, "load_hf", lambda *a, **k: (None, None))
-    monkeypatch.setattr(q, "run_hf_samples", lambda model, tok, samples, mode, budget, protocol, label, log=print:
-                        q.run_server_samples(_FakeServer(None, [] if mode == "none" else ["lava"]), samples, label, log))
+    monkeypatch.setattr(q, "run_hf_reference", lambda model, tok, samples, modes, protocol, log=print: {
+        key: q.run_server_samples(_FakeServer(None, [] if mode == "none" else ["lava"]), samples, key, log)
+        for key, (mode, budget) in modes.items()})
+
+
+@pytest.mark.parametrize("per_request", [False, True])
+def test_pipeline_without_servers(tmp_path, monkeypatch, per_request):
+    """JSON, markdown and plots from canned server/HF outputs, in seconds (both run modes)."""
+    import benchmarks.quality as q
+
+    _fake_hf(monkeypatch)
     argv = ["--policies", "none", "snapkv", "lava", "--budgets", "64", "128", "--lengths", "300", "--samples", "2",
             "--tasks", "passkey", "vt", "fidelity", "--kvpress", "snapkv", "--kvpress-budgets", "64", "--out", str(tmp_path)]
     assert q.main(argv + (["--per-request"] if per_request else [])) == 0
@@ -107,6 +114,35 @@ def test_pipeline_without_servers(tmp_path, monkeypatch, per_request):
     for png in ("quality.png", "quality_tasks.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert q.main(["--replot", "--out", str(tmp_path)]) == 0
+
+
+def test_parallel_parts_merge_and_reference_subset(tmp_path, monkeypatch):
+    """Budgets run by two processes, then merged; the reference check on the first sample of each task."""
+    import benchmarks.quality as q
+
+    _fake_hf(monkeypatch)
+    common = ["--per-request", "--lengths", "300", "--samples", "2", "--tasks", "passkey", "fidelity"]
+    assert q.main(common + ["--budgets", "64", "--no-kvpress", "--out", str(tmp_path / "a")]) == 0
+    assert q.main(common + ["--policies", "lava", "--budgets", "128", "--no-kvpress", "--out", str(tmp_path / "b")]) == 0
+    started = len(_FakeServer.started)
+    assert q.main(common + ["--budgets", "64", "128", "--kvpress", "snapkv", "--kvpress-budgets", "128",
+                            "--kvpress-samples", "1", "--merge", str(tmp_path / "a"), str(tmp_path / "b"),
+                            "--out", str(tmp_path / "m")]) == 0
+    assert len(_FakeServer.started) == started + 1  # only the reference check's server ran
+    result = json.loads((tmp_path / "m" / "quality.json").read_text())
+    assert result["complete"] and [m["dir"] for m in result["config"]["merged_from"]] == [str(tmp_path / "a"), str(tmp_path / "b")]
+    assert {"none", "lava@64", "lava@128", "hf-none", "kvpress-snapkv@128", "snapkv-avg@128"} <= set(result["runs"])
+    assert len(result["runs"]["lava@128"]["records"]) == 4
+    for key in ("hf-none", "kvpress-snapkv@128", "snapkv-avg@128"):
+        assert sorted((r["task"], r["seed"]) for r in result["runs"][key]["records"]) == [("fidelity", 0), ("passkey", 0)]
+    # fidelity of the part run without `none` is computed against the merged `none`
+    assert result["runs"]["lava@128"]["summary"]["300"]["fidelity"]["token_match"] < 100
+    server_none = next(r for r in result["reference"]["rows"] if r["label"] == "server none")
+    assert server_none["summary"]["passkey"]["n"] == 1
+    assert " ; merged and completed with: " in result["command"]
+    with pytest.raises(SystemExit):  # other samples cannot be merged
+        q.main(["--samples", "3", "--lengths", "300", "--tasks", "passkey", "--merge", str(tmp_path / "a"),
+                "--out", str(tmp_path / "x")])
 
 
 @pytest.mark.server

@@ -231,18 +231,19 @@ def _split_protocol(tok, context: str, question: str, protocol: str) -> tuple[li
 def hf_generate_many(model, tok, context: str, question: str, max_new_tokens: int, runs: dict,
                      protocol: str = "query-aware", window: int = 32, kernel_size: int = 7, alpha: float = 0.2,
                      top_logprobs: int = 0) -> dict:
-    """One prefill, then greedy generation for every ``runs`` entry ``key -> (mode, budget)``
-    with mode ``none``, ``kvpress-snapkv`` or ``kvpress-adakv``; returns ``key -> result``
-    (the :func:`hf_generate` shape). Same outputs as one :func:`hf_generate` call per entry."""
+    """One prefill, then greedy generation for every ``runs`` entry ``key -> (mode, budget)`` or
+    ``(mode, budget, window)`` (default ``window``) with mode ``none``, ``kvpress-snapkv`` or
+    ``kvpress-adakv``; returns ``key -> result`` (the :func:`hf_generate` shape). Same outputs
+    as one :func:`hf_generate` call per entry."""
     from transformers import DynamicCache
 
     ids, first, rest = _split_protocol(tok, context, question, protocol)
     n = len(first)
     presses = {}
-    for key, (mode, budget) in runs.items():
+    for key, (mode, budget, *w) in runs.items():
         if mode != "none" and not mode.startswith("kvpress-"):
             raise ValueError(f"hf_generate_many: unsupported mode {mode!r} (none, kvpress-snapkv, kvpress-adakv)")
-        presses[key] = None if mode == "none" else make_press(mode, budget, n, window, kernel_size, alpha)
+        presses[key] = None if mode == "none" else make_press(mode, budget, n, w[0] if w else window, kernel_size, alpha)
     t0 = time.perf_counter()
     fan = _PressFanOut(model, presses)
     try:
@@ -252,7 +253,7 @@ def hf_generate_many(model, tok, context: str, question: str, max_new_tokens: in
         _set_masks(model, None)
     prefill_s = time.perf_counter() - t0
     results = {}
-    for key, (mode, budget) in runs.items():
+    for key in runs:
         t1 = time.perf_counter()
         cache = fan.caches[key]
         _set_masks(model, fan.masks[key])

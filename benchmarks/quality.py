@@ -781,7 +781,9 @@ def _main(argv=None) -> int:
                         runs[f"{policy}@{budget}"] = server_run(f"{policy}@{budget}", policy, budget)
                         save()
             ref_samples = reference_samples(samples, args.kvpress_samples, args.seed)
-            hf_modes = {key: (mode, budget) for key, mode, budget in
+            # the server's window at each budget (budgets <= the window use half of it)
+            hf_modes = {key: (mode, budget, small_window(budget) if 0 < budget <= WINDOW else WINDOW)
+                        for key, mode, budget in
                         [("hf-none", "none", 0)] + [(f"kvpress-{p}@{b}", f"kvpress-{p}", b) for b in kv_budgets
                                                     for p in args.kvpress or []]
                         if key not in runs}
@@ -792,8 +794,8 @@ def _main(argv=None) -> int:
                 model, _ = load_hf(model_path, args.threads)
                 print(f"[quality] HF + kvpress reference on {len(ref_samples)} samples: {', '.join(hf_modes)}", flush=True)
                 hf_records = run_hf_reference(model, tok, ref_samples, hf_modes, args.kvpress_protocol)
-                for key, (mode, budget) in hf_modes.items():
-                    runs[key] = {"policy": key.partition("@")[0], "budget": budget or None,
+                for key, (mode, budget, window) in hf_modes.items():
+                    runs[key] = {"policy": key.partition("@")[0], "budget": budget or None, "window": window,
                                  "protocol": args.kvpress_protocol, "records": hf_records[key]}
                 timings["hf-reference (" + ", ".join(hf_modes) + ")"] = time.time() - t0
                 save()

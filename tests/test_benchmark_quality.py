@@ -87,7 +87,7 @@ def _fake_hf(monkeypatch):
     monkeypatch.setattr(kr, "load_hf", lambda *a, **k: (None, None))
     monkeypatch.setattr(q, "run_hf_reference", lambda model, tok, samples, modes, protocol, log=print: {
         key: q.run_server_samples(_FakeServer(None, [] if mode == "none" else ["lava"]), samples, key, log)
-        for key, (mode, budget) in modes.items()})
+        for key, (mode, budget, window) in modes.items()})
 
 
 @pytest.mark.parametrize("per_request", [False, True])
@@ -125,11 +125,14 @@ def test_parallel_parts_merge_and_reference_subset(tmp_path, monkeypatch):
     assert q.main(common + ["--budgets", "64", "--no-kvpress", "--out", str(tmp_path / "a")]) == 0
     assert q.main(common + ["--policies", "lava", "--budgets", "128", "--no-kvpress", "--out", str(tmp_path / "b")]) == 0
     started = len(_FakeServer.started)
-    assert q.main(common + ["--budgets", "64", "128", "--kvpress", "snapkv", "--kvpress-budgets", "128",
+    assert q.main(common + ["--budgets", "64", "128", "--kvpress", "snapkv", "--kvpress-budgets", "32", "128",
                             "--kvpress-samples", "1", "--merge", str(tmp_path / "a"), str(tmp_path / "b"),
                             "--out", str(tmp_path / "m")]) == 0
     assert len(_FakeServer.started) == started + 1  # only the reference check's server ran
     result = json.loads((tmp_path / "m" / "quality.json").read_text())
+    # kvpress gets the server's window: half of it at budgets that do not exceed it
+    assert result["runs"]["kvpress-snapkv@32"]["window"] == 16 and result["runs"]["kvpress-snapkv@128"]["window"] == 32
+    assert result["runs"]["snapkv-avg@32"]["custom_params"]["kv_window"] == 16
     assert result["complete"] and [m["dir"] for m in result["config"]["merged_from"]] == [str(tmp_path / "a"), str(tmp_path / "b")]
     assert {"none", "lava@64", "lava@128", "hf-none", "kvpress-snapkv@128", "snapkv-avg@128"} <= set(result["runs"])
     assert len(result["runs"]["lava@128"]["records"]) == 4

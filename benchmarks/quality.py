@@ -382,7 +382,9 @@ def write_markdown(result: dict, path: Path) -> None:
                   f"kvpress {ref['kvpress_version']}, protocol {ref['protocol']}, one HF prefill per prompt shared by "
                   "every press and budget (each press compresses its own copy of the cache with kvpress's own hook); "
                   "our server with "
-                  f"`--kv-pooling avg` (kvpress's SnapKV avg-pools; window {result['config']['window']}, kernel 7, "
+                  f"`--kv-pooling avg` (kvpress's SnapKV avg-pools; window {result['config']['window']}"
+                  + "".join(f" ({w} at budget {b}, on both sides)" for b, w in result["config"].get("small_budget_windows", {}).items())
+                  + ", kernel 7, "
                   "AdaKV alpha 0.2 -- kvpress's AdaKV floor is a different formula from the AdaKV/LAVa reference "
                   "code's, so adakv is only expected to be close). `HF none` vs `server none` checks the two engines "
                   "without compression. `same ids`: samples whose greedy output token ids are identical.", ""]
@@ -410,7 +412,9 @@ def write_markdown(result: dict, path: Path) -> None:
                          + f" | {_cell(row['summary'], 'mean')} | {row['same_ids']} |")
         lines.append("")
     t = result["timings"]
-    lines += ["## Timings", "", f"Total {t['total_s']:.0f} s; per run (server start + requests):", ""]
+    total = sum(t["runs"].values()) if result["config"].get("merged_from") else t["total_s"]
+    lines += ["## Timings", "", f"Total {total:.0f} s" + (" (sum of the merged runs)" if result["config"].get("merged_from") else "")
+              + "; per run (server start + requests; `hf-reference`: one HF prefill per sample for all its runs):", ""]
     lines += [f"- {k}: {v:.0f} s" for k, v in t["runs"].items()]
     lines.append("")
     path.write_text("\n".join(lines))
@@ -436,7 +440,8 @@ def write_plots(result: dict, out_dir: Path) -> list[Path]:
         return ys
 
     has_fid = "fidelity" in tasks
-    fig, axes = plt.subplots(1, 2 if has_fid else 1, figsize=(11 if has_fid else 6, 4), squeeze=False)
+    fig, axes = plt.subplots(1, 3 if has_fid else 1, figsize=(15 if has_fid else 6, 4), squeeze=False)
+
     def draw(ax, policy, task, field, **kw):
         ys = series(policy, task, field)
         if policy == "none":  # no budget: a horizontal reference line
@@ -449,13 +454,18 @@ def write_plots(result: dict, out_dir: Path) -> list[Path]:
         draw(axes[0][0], policy, "mean", "accuracy")
         if has_fid:
             draw(axes[0][1], policy, "fidelity", "token_match")
+            if policy != "none":  # KL 0 has no place on a log axis
+                draw(axes[0][2], policy, "fidelity", "kl")
     axes[0][0].set(xscale="log", xlabel="--kv-budget (tokens per layer and KV head, window included)",
                    ylabel="mean accuracy over tasks (%)", title=f"accuracy, {length}-token prompts")
     if has_fid:
         axes[0][1].set(xscale="log", xlabel="--kv-budget", ylabel="% greedy tokens = uncompressed",
                        title="fidelity (32 tokens)")
-    for ax in axes[0]:
-        ax.set_ylim(-5, 105)
+        axes[0][2].set(xscale="log", yscale="log", xlabel="--kv-budget",
+                       ylabel="mean KL to uncompressed (nats, lower is better)", title="next-token KL (fidelity task)")
+    for i, ax in enumerate(axes[0]):
+        if i < 2:
+            ax.set_ylim(-5, 105)
         ax.set_xticks(budgets, [str(b) for b in budgets])
         ax.minorticks_off()
         ax.grid(alpha=0.3)

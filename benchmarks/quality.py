@@ -461,7 +461,9 @@ def write_plots(result: dict, out_dir: Path) -> list[Path]:
     if has_fid:
         axes[0][1].set(xscale="log", xlabel="--kv-budget", ylabel="% greedy tokens = uncompressed",
                        title="fidelity (32 tokens)")
-        axes[0][2].set(xscale="log", yscale="log", xlabel="--kv-budget",
+        kls = [v for policy in policies if policy != "none" for v in series(policy, "fidelity", "kl")]
+        log_kl = any(v > 0 for v in kls if not math.isnan(v))  # a log axis needs a positive value
+        axes[0][2].set(xscale="log", yscale="log" if log_kl else "linear", xlabel="--kv-budget",
                        ylabel="mean KL to uncompressed (nats, lower is better)", title="next-token KL (fidelity task)")
     for i, ax in enumerate(axes[0]):
         if i < 2:

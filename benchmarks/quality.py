@@ -13,9 +13,12 @@ Long runs can be split: run disjoint ``--budgets`` / ``--policies`` in separate 
 pinned to a core), then ``--merge DIR...`` their ``--out`` directories; the merge runs whatever
 is still missing (e.g. the reference check) and writes one result.
 
-Writes, under ``--out``: ``quality.json`` (every sample's output and score, aggregates, the
+Writes, under ``--out``: ``quality.json`` (every sample's output and score -- fidelity samples with their match and KL but
+not the per-step top-k logprobs --, aggregates, the
 command, sample counts and timings), ``quality.md`` (tables), ``quality.png`` (mean accuracy
 and fidelity vs budget, one line per policy) and ``quality_tasks.png`` (one panel per task).
+``quality_full.json.gz`` is the same with the logprobs: what ``--resume`` and ``--merge`` read (not
+committed: it is large).
 
     python benchmarks/quality.py                          # the full default run (hours on CPU)
     python benchmarks/quality.py --quick --out /tmp/q     # minutes: 2 policies, 1 budget, short prompts
@@ -328,6 +331,27 @@ def _summary_lines(result: dict, length: int) -> list[str]:
     return lines
 
 
+FULL_RESULT = "quality_full.json.gz"
+
+
+def write_result(result: dict, out_dir: Path) -> None:
+    """``quality.json`` without the per-step top-k logprobs (a few MB, the readable result) and
+    the whole result gzipped in :data:`FULL_RESULT` (what ``--resume`` / ``--merge`` read)."""
+    import gzip
+
+    (out_dir / FULL_RESULT).write_bytes(gzip.compress(json.dumps(result, separators=(",", ":")).encode(), mtime=0))
+    slim = dict(result, runs={key: dict(run, records=[{k: v for k, v in r.items() if k != "top_logprobs"}
+                                                     for r in run["records"]])
+                              for key, run in result["runs"].items()})
+    (out_dir / "quality.json").write_text(json.dumps(slim, indent=1))
+
+
+def read_full_result(out_dir: Path) -> dict:
+    import gzip
+
+    return json.loads(gzip.decompress((out_dir / FULL_RESULT).read_bytes()))
+
+
 def write_markdown(result: dict, path: Path) -> None:
     runs, budgets, tasks = result["runs"], result["config"]["budgets"], result["config"]["tasks"]
     lines = [f"# Quality benchmark ({result['config']['protocol']})", "",
@@ -544,7 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="start from the runs of these earlier --out directories (same samples; e.g. budgets run in "
                          "parallel processes), then run what is still missing and write --out")
     ap.add_argument("--resume", action="store_true",
-                    help="keep the runs already in --out/quality.json (same samples) and run only the missing ones")
+                    help=f"keep the runs already in --out/{FULL_RESULT} (same samples) and run only the missing ones")
     ap.add_argument("--hf-reference", default=None,
                     help="JSON of a separate benchmarks/kvpress_reference.py --out run on the same samples: "
                          "added to the report as a side-by-side (with --replot too)")
@@ -597,10 +621,14 @@ def _main(argv=None) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.replot:
-        result = json.loads((out_dir / "quality.json").read_text())
+        full = (out_dir / FULL_RESULT).is_file()  # a committed result has only quality.json
+        result = read_full_result(out_dir) if full else json.loads((out_dir / "quality.json").read_text())
         if args.hf_reference:
             result["hf_reference"] = hf_reference_section(Path(args.hf_reference), result["runs"])
-            (out_dir / "quality.json").write_text(json.dumps(result, indent=1))
+            if full:
+                write_result(result, out_dir)
+            else:
+                (out_dir / "quality.json").write_text(json.dumps(result, indent=1))
         write_markdown(result, out_dir / "quality.md")
         write_plots(result, out_dir)
         print((out_dir / "quality.md").read_text())
@@ -696,7 +724,7 @@ def _main(argv=None) -> int:
             "reference": ref_section,
             "timings": {"total_s": time.time() - started, "runs": dict(timings)},
         }
-        (out_dir / "quality.json").write_text(json.dumps(result, indent=1))
+        write_result(result, out_dir)
         write_markdown(result, out_dir / "quality.md")
         write_plots(result, out_dir)
         return result
@@ -706,11 +734,11 @@ def _main(argv=None) -> int:
     sources = [Path(d) for d in args.merge or []] + ([out_dir] if args.resume else [])
     merged_from = []
     for src in sources:
-        if not (src / "quality.json").is_file():
+        if not (src / FULL_RESULT).is_file():
             if src != out_dir:
-                ap.error(f"--merge {src}: no quality.json there")
+                ap.error(f"--merge {src}: no {FULL_RESULT} there (written next to quality.json by every run)")
             continue
-        previous = json.loads((src / "quality.json").read_text())
+        previous = read_full_result(src)
         if previous["samples"] != stored:
             if src != out_dir:
                 ap.error(f"--merge {src}: its samples differ from this command's (tasks, lengths, samples, seed, corpus)")

@@ -2,9 +2,12 @@
 
 * :mod:`.decode_attention`: per-(request, KV head) decode attention over CSR lists of
   cells of the flat single-head view; the index builder shared by every implementation.
+* :mod:`.extend_attention`: the extend (prefill) counterpart, many queries per pair, causal
+  aligned to the end of each list.
 * :mod:`.repack`: in-place gather-then-scatter of kept cells.
 * :mod:`.window_scores`: batched window-attention scoring of one layer.
-* :mod:`.flashinfer_decode`: FlashInfer glue (lazy import; untested on hardware).
+* :mod:`.flashinfer_decode`, :mod:`.flashinfer_extend`: FlashInfer glue (lazy import;
+  untested on hardware).
 * :mod:`.dispatch`: which implementation runs (``LAVA_KERNEL_IMPL`` forces one).
 
 Importing this package imports neither Triton nor FlashInfer; the Triton kernels live in
@@ -20,6 +23,7 @@ from .decode_attention import (
     paged_decode_attention_torch,
 )
 from .dispatch import resolve_impl
+from .extend_attention import paged_extend_attention, paged_extend_attention_torch
 from .repack import repack_cells, repack_cells_torch, repack_layers
 
 # The window scoring functions are not re-exported here: a package attribute named
@@ -33,6 +37,8 @@ __all__ = [
     "gather_row_ranges",
     "paged_decode_attention",
     "paged_decode_attention_torch",
+    "paged_extend_attention",
+    "paged_extend_attention_torch",
     "resolve_impl",
     "repack_cells",
     "repack_cells_torch",

@@ -4,10 +4,10 @@ Order of precedence:
 
 1. an explicit ``impl`` argument other than ``"auto"``;
 2. the environment variable ``LAVA_KERNEL_IMPL=torch|triton|flashinfer`` (for testing);
-3. automatic: ``"torch"`` for CPU tensors; on CUDA ``"flashinfer"`` for decode attention
-   when ``flashinfer`` imports (and the cache is not fp32), else ``"triton"``.
+3. automatic: ``"torch"`` for CPU tensors; on CUDA ``"flashinfer"`` for decode and extend
+   attention when ``flashinfer`` imports (and the cache is not fp32), else ``"triton"``.
 
-Only decode attention has a FlashInfer implementation; for the other operations
+Only decode and extend attention have a FlashInfer implementation; for the other operations
 (repack, window scores) a request for ``"flashinfer"`` means "the GPU path" and resolves
 to ``"triton"``. ``"triton"`` on CPU tensors runs the Triton interpreter (slow, for tests).
 ``"flashinfer"`` on CPU tensors is an error.
@@ -27,6 +27,7 @@ IMPLS = ("torch", "triton", "flashinfer")
 #: operations and the implementations each one has
 OPS = {
     "decode": ("torch", "triton", "flashinfer"),
+    "extend": ("torch", "triton", "flashinfer"),
     "repack": ("torch", "triton"),
     "window_scores": ("torch", "triton"),
 }

@@ -1,0 +1,312 @@
+"""Per-(request, KV head) extend (prefill) attention over lists of cells of the flat
+single-head view: many query tokens per pair, causal aligned to the END of the list.
+
+Layout: as :mod:`.decode_attention` (read its docstring first). A *pair* is (request ``r``,
+KV head ``h``), pair index ``r * Hkv + h``; its keys are the CSR list of cells
+``kv_indices[kv_indptr[p]:kv_indptr[p + 1]]`` of ``k_flat = k_buffer[l].view(-1, D)`` (built
+by :func:`.decode_attention.build_pair_indices`). Its queries are the rows
+``q[qo_indptr[p]:qo_indptr[p + 1]]`` of ``q [nq_total, g, D]`` (pair-major, the ``g`` query
+heads of that KV group per row). For SGLang's extend batch ``q [T, Hq, D]`` of a request
+with ``n`` new tokens the pair rows are ``q_r.view(n, Hkv, g, D).transpose(0, 1)``,
+flattened request-major then head-major.
+
+Semantics. Pair ``p`` has ``n_q`` queries and ``n_kv >= n_q`` cells; query ``i`` (0-based)
+attends to cells ``0 .. n_kv - n_q + i`` of the list (bottom-right aligned causal mask,
+FlashInfer's convention for causal prefill with ``kv_len >= qo_len``): the list ends with
+the cells of the ``n_q`` new tokens, in order. With ``n_q = 1`` this is decode attention
+(:func:`.decode_attention.paged_decode_attention_torch`). Softmax in fp32; the output is
+``[nq_total, g, Dv]`` in ``q.dtype``. A pair with no queries contributes nothing.
+
+One code path for decode (1 query per pair), extend over a compressed layout and
+retraction replay.
+
+Implementations of :func:`paged_extend_attention`:
+
+* ``"torch"`` (:func:`paged_extend_attention_torch`): batched torch (no Python loop over
+  pairs, heads or tokens), queries padded to the longest ``qo_len``, keys processed in
+  chunks of at most ``min(key_chunk, 256)`` with an online softmax, query rows in tiles of
+  about 512K scores, so memory is bounded by ``n_pairs x max_qo x g x key_chunk`` scores
+  plus ``n_pairs x key_chunk x D`` keys (plus the padded queries and the fp32 accumulator,
+  ``n_pairs x max_qo x g x (D + Dv)``); small problems take a one-shot dense path. The CPU
+  engine's path and the twin of the others. On one CPU core it takes 1.1-1.6x the time of
+  a dense ``F.scaled_dot_product_attention`` with an explicit mask over the same gathered
+  keys (3 pairs x 500 queries x 2000 cells, g = 3, D = 64, fp32: ~51 ms vs ~37 ms).
+* ``"triton"``: flash-attention style kernel (:mod:`._triton_extend`).
+* ``"flashinfer"``: ``BatchPrefillWithPagedKVCacheWrapper`` glue (:mod:`.flashinfer_extend`).
+
+Engine-free: never imports SGLang.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .dispatch import resolve_impl
+
+__all__ = ["paged_extend_attention", "paged_extend_attention_torch"]
+
+# key chunks grow 64, 64, 128, 256, then stay at min(key_chunk, _MAX_CHUNK): a pair of
+# length L next to longer ones is padded to at most max(2L, L + chunk, 64) keys. 256 keys per
+# chunk measured faster on CPU than 512 or 1024 (less memory traffic per tile).
+_MIN_CHUNK = 64
+_MAX_CHUNK = 256
+# Below this many padded score elements (pairs x max_qo x g x longest list) the torch path
+# computes everything in one shot (gather all lists, one masked softmax): fewer torch ops.
+# 1M fp32 = 4 MB of scores; above that the cache-sized tiles of the chunked path were faster
+# on CPU (3 pairs x 100 queries x g=3 x 1000 keys: 12 ms one-shot, 10 ms chunked).
+_SINGLE_SHOT_ELEMS = 1 << 20
+# ... and at most this many gathered key (and value) elements (pairs x longest list x D):
+# 8M fp32 = 32 MB each.
+_SINGLE_SHOT_KEY_ELEMS = 1 << 23
+# Scores per tile of the chunked path (pairs x query rows x g x keys): 512K fp32 = 2 MB, so
+# a tile's softmax stays in cache.
+_TILE_ELEMS = 1 << 19
+
+
+class _ExtendLengths(NamedTuple):
+    """Host copies of the per-pair lengths (Python lists), checked."""
+
+    qo_starts: list
+    qo_lens: list
+    kv_lens: list
+
+    @property
+    def max_qo(self) -> int:
+        return max(self.qo_lens, default=0)
+
+
+def _extend_lengths(qo_indptr: Tensor, kv_indptr: Tensor, nq_total: int | None = None) -> _ExtendLengths:
+    """Reads both CSR indptrs to the host (one sync on a GPU) and checks them: same number of
+    pairs, non-decreasing, ``qo_indptr[-1] == nq_total`` (when given) and ``kv_len >= qo_len``
+    for every pair. Raises ``ValueError`` naming the offending pair."""
+    if qo_indptr.dim() != 1 or kv_indptr.dim() != 1:
+        raise ValueError(f"qo_indptr / kv_indptr must be 1-D; got {tuple(qo_indptr.shape)}, {tuple(kv_indptr.shape)}")
+    if qo_indptr.numel() != kv_indptr.numel():
+        raise ValueError(f"qo_indptr has {qo_indptr.numel()} entries but kv_indptr has {kv_indptr.numel()} (both n_pairs + 1)")
+    if qo_indptr.numel() == 0:
+        raise ValueError("qo_indptr / kv_indptr need n_pairs + 1 >= 1 entries")
+    qo = qo_indptr.detach().to("cpu", torch.long)
+    kv = kv_indptr.detach().to("cpu", torch.long)
+    qo_lens_t = qo[1:] - qo[:-1]
+    kv_lens_t = kv[1:] - kv[:-1]
+    if int(qo[0]) != 0 or int(kv[0]) != 0:
+        raise ValueError(f"qo_indptr and kv_indptr must start at 0; got {int(qo[0])}, {int(kv[0])}")
+    if (qo_lens_t < 0).any():
+        p = int(torch.nonzero(qo_lens_t < 0)[0])
+        raise ValueError(f"qo_indptr decreases at pair {p}")
+    if (kv_lens_t < 0).any():
+        p = int(torch.nonzero(kv_lens_t < 0)[0])
+        raise ValueError(f"kv_indptr decreases at pair {p}")
+    if nq_total is not None and int(qo[-1]) != int(nq_total):
+        raise ValueError(f"qo_indptr[-1] = {int(qo[-1])} but q has {int(nq_total)} rows")
+    bad = kv_lens_t < qo_lens_t
+    if bad.any():
+        p = int(torch.nonzero(bad)[0])
+        raise ValueError(
+            f"pair {p}: {int(qo_lens_t[p])} queries but only {int(kv_lens_t[p])} cells "
+            "(extend attention needs kv_len >= qo_len: the list must end with the new tokens' cells)"
+        )
+    return _ExtendLengths(qo[:-1].tolist(), qo_lens_t.tolist(), kv_lens_t.tolist())
+
+
+def _one_shot(qs, k_flat, v_flat, indices, kv_starts, kv_lens, lim, max_len):
+    """Dense masked attention of all pairs at once. ``qs [n, Mq, g, D]`` fp32 (padded),
+    ``lim [n, Mq]`` last visible key (-1 for padding rows). Returns ``[n, Mq, g, Dv]``."""
+    n, Mq, g, D = qs.shape
+    pos = torch.arange(max_len, device=qs.device)
+    in_list = pos[None, :] < kv_lens[:, None]  # [n, max_len]
+    where = (kv_starts[:, None] + pos[None, :]).where(in_list, kv_starts[:, None]).reshape(-1)
+    cells = indices.index_select(0, where)
+    kc = k_flat.index_select(0, cells).view(n, max_len, D).to(torch.float32)
+    vc = v_flat.index_select(0, cells).view(n, max_len, -1).to(torch.float32)
+    s = torch.bmm(qs.view(n, Mq * g, D), kc.transpose(1, 2))  # [n, Mq * g, max_len]
+    s4 = s.view(n, Mq, g, max_len)
+    visible = pos[None, None, :] <= lim[:, :, None]  # [n, Mq, max_len]
+    s4.masked_fill_(~visible[:, :, None, :], float("-inf"))
+    # padding rows are all -inf (softmax gives NaN there): their output is discarded
+    p = torch.softmax(s, dim=-1)
+    return torch.bmm(p, vc).view(n, Mq, g, -1)
+
+
+def paged_extend_attention_torch(
+    q: Tensor,
+    k_flat: Tensor,
+    v_flat: Tensor,
+    qo_indptr: Tensor,
+    kv_indptr: Tensor,
+    kv_indices: Tensor,
+    sm_scale: float,
+    *,
+    key_chunk: int = 1024,
+) -> Tensor:
+    """Batched torch extend attention (see the module docstring). fp32 accumulation.
+
+    ``q [nq_total, g, D]``, ``k_flat [C, D]``, ``v_flat [C, Dv]``; returns
+    ``[nq_total, g, Dv]`` in ``q.dtype``.
+
+    Pairs with queries are sorted by list length (descending) so that, for a key chunk
+    starting at ``c0``, the pairs that still have keys are a prefix of the order; their
+    queries are padded to the longest ``qo_len`` (``[n, Mq, g, D]``, pre-scaled by
+    ``sm_scale``). Each key chunk (64, 64, 128, 256, 256, ... keys, at most ``key_chunk``) is
+    gathered once (``index_select``) for those pairs; its query rows are processed in tiles
+    (``bmm`` + online-softmax update, in place), restricted to the rows that can see a key of
+    the chunk (the causal mask hides a chunk from the early queries of a pair whose new
+    tokens come after it), and tiles every row of which sees the whole chunk skip the mask.
+    """
+    nq_total, g, D = q.shape
+    Dv = v_flat.shape[-1]
+    device = q.device
+    lens = _extend_lengths(qo_indptr, kv_indptr, nq_total)
+    out = torch.zeros((nq_total, g, Dv), dtype=q.dtype, device=device)
+    active = [p for p, nq in enumerate(lens.qo_lens) if nq > 0]
+    if not active:
+        return out
+    # pairs with queries, longest list first (stable: ties keep pair order)
+    active.sort(key=lambda p: -lens.kv_lens[p])
+    n = len(active)
+    kv_host = [lens.kv_lens[p] for p in active]
+    nq_host = [lens.qo_lens[p] for p in active]
+    off_host = [kv - nq for kv, nq in zip(kv_host, nq_host)]  # cells every query sees (>= 0)
+    Mq = max(nq_host)
+    max_len = kv_host[0]
+
+    order = torch.tensor(active, dtype=torch.long, device=device)
+    kv_start_all = kv_indptr.to(device=device, dtype=torch.long)[:-1]
+    kv_starts = kv_start_all.index_select(0, order)
+    kv_lens = torch.tensor(kv_host, dtype=torch.long, device=device)
+    nq = torch.tensor(nq_host, dtype=torch.long, device=device)
+    offs = torch.tensor(off_host, dtype=torch.long, device=device)
+    qo_starts = torch.tensor([lens.qo_starts[p] for p in active], dtype=torch.long, device=device)
+    ar_q = torch.arange(Mq, device=device)
+    q_valid = ar_q[None, :] < nq[:, None]  # [n, Mq]
+    rows = (qo_starts[:, None] + ar_q[None, :]).where(q_valid, qo_starts[:, None])  # [n, Mq]
+    qs = q.index_select(0, rows.reshape(-1)).view(n, Mq, g, D).to(torch.float32)
+    if sm_scale != 1.0:
+        qs = qs * float(sm_scale)
+    lim = (offs[:, None] + ar_q[None, :]).where(q_valid, torch.full_like(rows, -1))  # last visible key
+    indices = kv_indices.to(device=device, dtype=torch.long)
+
+    if n * Mq * g * max_len <= _SINGLE_SHOT_ELEMS and n * max_len * max(D, v_flat.shape[-1]) <= _SINGLE_SHOT_KEY_ELEMS:
+        res = _one_shot(qs, k_flat, v_flat, indices, kv_starts, kv_lens, lim, max_len)
+    else:
+        res = _chunked(qs, k_flat, v_flat, indices, kv_starts, kv_lens, lim, kv_host, nq_host, off_host,
+                       max(1, int(key_chunk)))
+    valid_flat = q_valid.reshape(-1)
+    dest = rows.reshape(-1)[valid_flat]
+    out.index_copy_(0, dest, res.reshape(n * Mq, g, Dv)[valid_flat].to(q.dtype))
+    return out
+
+
+def _chunked(qs, k_flat, v_flat, indices, kv_starts, kv_lens, lim, kv_host, nq_host, off_host, key_chunk):
+    n, Mq, g, D = qs.shape
+    Dv = v_flat.shape[-1]
+    device = qs.device
+    max_len = kv_host[0]
+    # prefix maxima / minima over the (length-sorted) pairs: the active pairs of a chunk are a
+    # prefix, so these give the query rows of the chunk on the host without a sync
+    nq_pmax, off_pmax, off_pmin = [], [], []
+    for x, o in zip(nq_host, off_host):
+        nq_pmax.append(max(x, nq_pmax[-1] if nq_pmax else 0))
+        off_pmax.append(max(o, off_pmax[-1] if off_pmax else 0))
+        off_pmin.append(min(o, off_pmin[-1] if off_pmin else o))
+
+    # running max starts at -1e30, not -inf: a row with no visible key so far gets p = 0
+    # and, once it sees one, alpha = exp(-1e30 - m) = 0 (no NaN from -inf - -inf)
+    m = torch.full((n, Mq * g), -1e30, dtype=torch.float32, device=device)
+    l = torch.zeros((n, Mq * g), dtype=torch.float32, device=device)
+    acc = torch.zeros((n, Mq * g, Dv), dtype=torch.float32, device=device)
+    qflat = qs.view(n, Mq * g, D)
+    ar = torch.arange(min(key_chunk, _MAX_CHUNK), device=device)
+    n_act = n
+    c0 = 0
+    while c0 < max_len:
+        chunk = min(key_chunk, _MAX_CHUNK, max(_MIN_CHUNK, c0))
+        while n_act > 0 and kv_host[n_act - 1] <= c0:  # pairs with no key left
+            n_act -= 1
+        # only query rows [i_lo, i_hi) of the active pairs can see a key of this chunk: row i
+        # of pair p sees keys <= off_p + i, so rows below c0 - max(off) see none of them
+        i_lo = max(0, c0 - off_pmax[n_act - 1])
+        i_hi = nq_pmax[n_act - 1]
+        if i_lo >= i_hi:  # (cannot happen: the last query of an active pair sees its last key)
+            c0 += chunk
+            continue
+        pos = c0 + ar[:chunk]
+        in_list = pos[None, :] < kv_lens[:n_act, None]  # [n_act, chunk]
+        # (index_select: much faster than advanced indexing on CPU)
+        where = (kv_starts[:n_act, None] + pos[None, :]).where(in_list, kv_starts[:n_act, None]).reshape(-1)
+        cells = indices.index_select(0, where)
+        kc = k_flat.index_select(0, cells).view(n_act, chunk, D).to(torch.float32).transpose(1, 2)
+        vc = v_flat.index_select(0, cells).view(n_act, chunk, Dv).to(torch.float32)
+        # query rows in tiles of about _TILE_ELEMS scores: the elementwise softmax work then
+        # runs in cache instead of streaming a [n_act, rows, chunk] array through memory
+        rb = max(1, _TILE_ELEMS // (n_act * g * chunk))
+        for a in range(i_lo, i_hi, rb):
+            b = min(a + rb, i_hi)
+            r0, r1 = a * g, b * g
+            s = torch.bmm(qflat[:n_act, r0:r1], kc)  # [n_act, (b - a) * g, chunk]
+            # A tile every query row sees entirely (before the first new token of every
+            # active pair) needs no mask; padding rows then see real keys (finite, discarded).
+            if c0 + chunk - 1 > off_pmin[n_act - 1] + a:
+                hidden = pos[None, None, :] > lim[:n_act, a:b, None]  # [n_act, b - a, chunk]
+                s.view(n_act, b - a, g, chunk).masked_fill_(hidden[:, :, None, :], float("-inf"))
+            m_old = m[:n_act, r0:r1]
+            m_new = torch.maximum(m_old, s.amax(dim=-1))
+            alpha = torch.exp(m_old - m_new)
+            p = s.sub_(m_new[..., None]).exp_()  # in place: s is not needed any more
+            l[:n_act, r0:r1].mul_(alpha).add_(p.sum(dim=-1))
+            acc[:n_act, r0:r1].mul_(alpha[..., None]).baddbmm_(p, vc)
+            m_old.copy_(m_new)
+        c0 += chunk
+    # padding rows have l = 0 (their output is discarded)
+    res = acc.div_(l.clamp_min_(torch.finfo(torch.float32).tiny)[..., None])
+    return res.view(n, Mq, g, Dv)
+
+
+def paged_extend_attention(
+    q: Tensor,
+    k_flat: Tensor,
+    v_flat: Tensor,
+    qo_indptr: Tensor,
+    kv_indptr: Tensor,
+    kv_indices: Tensor,
+    sm_scale: float,
+    impl: str = "auto",
+) -> Tensor:
+    """Extend attention of every pair's query rows over its list of cells (causal, aligned to
+    the end of the list).
+
+    ``q [nq_total, g, D]``; ``k_flat [C, D]`` / ``v_flat [C, Dv]`` (flat single-head views of
+    one layer); ``qo_indptr`` / ``kv_indptr [n_pairs + 1]`` (int32/int64); ``kv_indices [nnz]``
+    cell ids (int32/int64). Returns ``[nq_total, g, Dv]`` in ``q.dtype``.
+    ``impl``: ``"auto" | "torch" | "triton" | "flashinfer"`` (see :mod:`.dispatch`).
+    The per-pair lengths (``kv_len >= qo_len``) are checked by every implementation (one
+    host read of the two indptrs).
+    """
+    if q.dim() != 3 or k_flat.dim() != 2 or v_flat.dim() != 2:
+        raise ValueError(
+            f"q must be [nq_total, g, D] and k/v [C, D] / [C, Dv]; got {tuple(q.shape)}, {tuple(k_flat.shape)}, {tuple(v_flat.shape)}"
+        )
+    if k_flat.shape[1] != q.shape[2]:
+        raise ValueError(f"head dim mismatch: q has D = {q.shape[2]}, k_flat has {k_flat.shape[1]}")
+    if k_flat.shape[0] != v_flat.shape[0]:
+        raise ValueError(f"k_flat has {k_flat.shape[0]} cells but v_flat has {v_flat.shape[0]}")
+    if qo_indptr.dim() != 1 or kv_indptr.dim() != 1 or kv_indices.dim() != 1:
+        raise ValueError("qo_indptr, kv_indptr and kv_indices must be 1-D")
+    if qo_indptr.numel() != kv_indptr.numel():
+        raise ValueError(f"qo_indptr has {qo_indptr.numel()} entries but kv_indptr has {kv_indptr.numel()} (both n_pairs + 1)")
+    for name, t in (("qo_indptr", qo_indptr), ("kv_indptr", kv_indptr), ("kv_indices", kv_indices)):
+        if t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name} must be int32 or int64, got {t.dtype}")
+    which = resolve_impl("extend", q.device, impl, dtype=k_flat.dtype)
+    if which == "torch":
+        return paged_extend_attention_torch(q, k_flat, v_flat, qo_indptr, kv_indptr, kv_indices, sm_scale)
+    if which == "triton":
+        from ._triton_extend import paged_extend_attention_triton
+
+        return paged_extend_attention_triton(q, k_flat, v_flat, qo_indptr, kv_indptr, kv_indices, sm_scale)
+    from .flashinfer_extend import paged_extend_attention_flashinfer
+
+    return paged_extend_attention_flashinfer(q, k_flat, v_flat, qo_indptr, kv_indptr, kv_indices, sm_scale)

@@ -54,11 +54,12 @@ def test_unsupported_settings_are_named():
     from lava_sglang.engine.startup_checks import unsupported_settings
 
     ok = SimpleNamespace(tp_size=1, pp_size=1, speculative_algorithm=None, page_size=1, enable_hierarchical_cache=False,
-                         enable_mixed_chunk=False, cuda_graph_config=None, device="cpu")
+                         enable_mixed_chunk=False, enable_streaming_session=False, cuda_graph_config=None, device="cpu")
     assert unsupported_settings(ok) == []
     for field, value, words in (("tp_size", 2, "tensor parallelism"), ("pp_size", 2, "pipeline parallelism"),
                                 ("speculative_algorithm", "EAGLE", "speculative decoding"), ("page_size", 16, "page size"),
-                                ("enable_hierarchical_cache", True, "hierarchical cache"), ("enable_mixed_chunk", True, "mixed chunk")):
+                                ("enable_hierarchical_cache", True, "hierarchical cache"), ("enable_mixed_chunk", True, "mixed chunk"),
+                                ("enable_streaming_session", True, "streaming sessions")):
         bad = SimpleNamespace(**{**vars(ok), field: value})
         problems = unsupported_settings(bad)
         assert len(problems) == 1 and words in problems[0], problems

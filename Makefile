@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m lava_sglang.models >/dev/null
 	touch $(STAMP)
 
-# The main job: a LAVa server on the default model answering a ~1.5k-token passkey request.
+# The main job: one LAVa server on the default model; a passkey question at several budgets and a burst under load, as a report.
 run: setup
 	$(PY) -m lava_sglang.demo
 

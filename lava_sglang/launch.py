@@ -155,6 +155,16 @@ class Server:
             payload["text"] = text
         return http_json(self.url + "/generate", payload, timeout=timeout)
 
+    def open_session(self, capacity: int = 1 << 22) -> str:
+        """A streaming session (the server needs ``--enable-streaming-session``); its id."""
+        return http_json(self.url + "/open_session", {"capacity_of_str_len": capacity, "streaming": True}, timeout=60)
+
+    def close_session(self, session_id: str, timeout: float = 60.0) -> None:
+        data = json.dumps({"session_id": session_id}).encode()
+        req = urllib.request.Request(self.url + "/close_session", data=data, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout) as response:
+            response.read()
+
     def server_info(self) -> dict:
         return http_json(self.url + "/server_info", timeout=60)
 

@@ -58,11 +58,12 @@ def test_unsupported_settings_are_named():
     assert unsupported_settings(ok) == []
     for field, value, words in (("tp_size", 2, "tensor parallelism"), ("pp_size", 2, "pipeline parallelism"),
                                 ("speculative_algorithm", "EAGLE", "speculative decoding"), ("page_size", 16, "page size"),
-                                ("enable_hierarchical_cache", True, "hierarchical cache"), ("enable_mixed_chunk", True, "mixed chunk"),
-                                ("enable_streaming_session", True, "streaming sessions")):
+                                ("enable_hierarchical_cache", True, "hierarchical cache"), ("enable_mixed_chunk", True, "mixed chunk")):
         bad = SimpleNamespace(**{**vars(ok), field: value})
         problems = unsupported_settings(bad)
         assert len(problems) == 1 and words in problems[0], problems
+    # streaming sessions continue over the compressed cache (engine.continuation): allowed
+    assert unsupported_settings(SimpleNamespace(**{**vars(ok), "enable_streaming_session": True})) == []
     graphs = SimpleNamespace(decode=SimpleNamespace(backend="full"))
     cuda = SimpleNamespace(**{**vars(ok), "device": "cuda", "cuda_graph_config": graphs})
     assert "decode CUDA graphs" in unsupported_settings(cuda)[0]

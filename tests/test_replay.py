@@ -11,7 +11,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lava_sglang.engine.replay import ReplayChunk, replay_attention, visible_mask
+from lava_sglang.engine.layout import LayoutPlan, attend
+from lava_sglang.engine.replay import ReplayChunk
 from lava_sglang.engine.state import PendingRequest, RetractedRequest
 
 
@@ -66,7 +67,8 @@ def test_replay_attention_matches_decode_visibility(chunk_lo):
     for layer_id in range(n_layers):
         layer = SimpleNamespace(tp_q_head_num=Hq, tp_k_head_num=Hkv, qk_head_dim=D, v_head_dim=D, layer_id=layer_id,
                                 scaling=D ** -0.5)
-        got = replay_attention(layer, q, out.clone(), [chunk], Pool(k, v), req_to_token)
+        plan = LayoutPlan([chunk.layout_entry(req_to_token, Hkv)], req_to_token, Hkv)
+        got = attend(layer, q, plan, Pool(k, v), out.clone())
         first = other + max(chunk_lo, L) - chunk_lo
         # rows before the generated tokens (other request, prompt positions) are left as the backend wrote them
         assert torch.equal(got[:first], out[:first])
@@ -75,9 +77,7 @@ def test_replay_attention_matches_decode_visibility(chunk_lo):
         torch.testing.assert_close(got[first:].view(-1, Hq, D).double(), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_visible_mask_shape_and_rule():
-    keep = [torch.tensor([3, 5]), torch.tensor([4])]
-    m = visible_mask(keep, prefix_len=2, prompt_len=6, q_lo=6, q_hi=8, device="cpu")
-    assert m.shape == (2, 2, 8)
-    assert m[0, 0].tolist() == [True, True, False, True, False, True, True, False]
-    assert m[1, 1].tolist() == [True, True, False, False, True, False, True, True]
+def test_no_entry_when_the_chunk_holds_no_generated_token():
+    pending = PendingRequest(rid="r", row=0, config=None, prefix_len=2, prompt_len=10,
+                             replay=RetractedRequest("r", None, 2, 10, []))
+    assert ReplayChunk(pending, 0, 0, 10).layout_entry(torch.zeros(1, 16, dtype=torch.int32), 3) is None

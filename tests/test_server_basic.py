@@ -49,7 +49,6 @@ def test_lava_greedy_output_equals_none_when_budget_covers_prompt(servers, long_
 @pytest.mark.parametrize("flags, words", [
     (["--page-size", "16"], "page size > 1"),
     (["--enable-hierarchical-cache"], "hierarchical cache"),
-    (["--enable-streaming-session"], "streaming sessions"),
 ])
 def test_unsupported_setting_is_refused(model_path, flags, words):
     proc = run_cli_and_capture(["--model-path", model_path, "--device", "cpu", "--attention-backend", "torch_native",

@@ -39,6 +39,56 @@ def select_cells(pending: PendingRequest, row_slots: torch.Tensor, kv_pool):
     return selection.keep if selection.compressed else None
 
 
+def pack_and_free(sources: list, owned_slots: torch.Tensor, req_to_token: torch.Tensor, row: int, prefix_len: int,
+                  kv_pool, allocator, end: int) -> tuple[int, list, int]:
+    """Pack every layer's kept cells into the first ``K`` of ``owned_slots`` and free the rest.
+
+    ``sources[l]``: the cell ids (head-major, as the layout reads them) layer ``l`` keeps, all
+    inside ``owned_slots``' cells; ``K = max_l ceil(len(sources[l]) / Hkv)``. Afterwards the row
+    reads ``row[P:P+K] = owned_slots[:K]`` and ``row[P+K:end] = 0``; ``owned_slots[K:]`` went back
+    to the allocator. Gathers everything of a layer before it scatters (``repack_cells``).
+    Returns ``(K, packed cell ids per layer, slots freed)``.
+    """
+    n_kv_heads = kv_pool.get_key_buffer(0).shape[1]
+    kept_slots = max(math.ceil(int(src.numel()) / n_kv_heads) for src in sources)
+    target_slots = owned_slots[:kept_slots]
+    mid_cells = []
+    for layer, src in enumerate(sources):
+        dst = packed_targets(target_slots, src.numel(), n_kv_heads)
+        k_buf, v_buf = kv_pool.get_key_buffer(layer), kv_pool.get_value_buffer(layer)
+        repack_cells(k_buf.view(-1, k_buf.shape[-1]), v_buf.view(-1, v_buf.shape[-1]), src, dst)
+        mid_cells.append(dst)
+    freed = owned_slots[kept_slots:].clone()
+    req_to_token[row, prefix_len:prefix_len + kept_slots] = target_slots.to(req_to_token.dtype)
+    req_to_token[row, prefix_len + kept_slots:end] = 0
+    if freed.numel():
+        allocator.free(freed)
+    return kept_slots, mid_cells, int(freed.numel())
+
+
+def make_report(cfg, keep: list, private_tokens: int, prompt_tokens: int, prefix_len: int, kept_slots: int,
+                slots_freed: int, seconds: float, prefill_seconds: float, n_kv_heads: int) -> dict:
+    """What ``meta_info["kv_compression"]`` shows for one compression (or re-selection)."""
+    n_layers = len(keep)
+    cells_per_layer = [sum(int(t.numel()) for t in heads) for heads in keep]
+    kept_cells = sum(cells_per_layer)
+    return {
+        "policy": cfg.policy,
+        "budget": cfg.budget,
+        "prompt_tokens": prompt_tokens,
+        "shared_prefix_tokens": prefix_len,
+        "compressed_tokens": private_tokens,
+        "kept_cells": kept_cells,
+        "private_cells": private_tokens * n_kv_heads * n_layers,
+        "slots_held": prefix_len + kept_slots,
+        "slots_freed": slots_freed,
+        "packing_efficiency": round(kept_cells / max(1, kept_slots * n_kv_heads * n_layers), 4),
+        "layer_budget_max_over_mean": round(max(cells_per_layer) / max(1e-9, sum(cells_per_layer) / n_layers), 4),
+        "compression_ms": round(seconds * 1000, 2),
+        "prefill_ms": round(prefill_seconds * 1000, 2),
+    }
+
+
 def compress_request(pending: PendingRequest, req_to_token: torch.Tensor, kv_pool, allocator,
                      prefill_seconds: float = 0.0) -> Optional[CompressedRequest]:
     """Compress ``pending`` in place; None when the policy keeps everything (nothing to do).
@@ -53,47 +103,15 @@ def compress_request(pending: PendingRequest, req_to_token: torch.Tensor, kv_poo
     keep = pending.replay.keep if pending.replay is not None else select_cells(pending, row_slots, kv_pool)
     if keep is None:
         return None
-    n_layers = len(keep)
-
     n_kv_heads = kv_pool.get_key_buffer(0).shape[1]
     cells_per_layer = [sum(int(t.numel()) for t in heads) for heads in keep]
-    kept_slots = max(math.ceil(c / n_kv_heads) for c in cells_per_layer)
-    if kept_slots >= L - P:
+    if max(math.ceil(c / n_kv_heads) for c in cells_per_layer) >= L - P:
         return None
-    target_slots = row_slots[P:P + kept_slots]
-
-    mid_cells, mid_lens = [], []
-    for layer in range(n_layers):
-        heads = keep[layer]
-        src = torch.cat([row_slots[heads[h]] * n_kv_heads + h for h in range(n_kv_heads)])
-        dst = packed_targets(target_slots, src.numel(), n_kv_heads)
-        k_buf, v_buf = kv_pool.get_key_buffer(layer), kv_pool.get_value_buffer(layer)
-        head_dim = k_buf.shape[-1]
-        repack_cells(k_buf.view(-1, head_dim), v_buf.view(-1, v_buf.shape[-1]), src, dst)
-        mid_cells.append(dst)
-        mid_lens.append([int(t.numel()) for t in heads])
-
-    freed = row_slots[P + kept_slots:L].clone()
-    req_to_token[row, P + kept_slots:L] = 0
-    allocator.free(freed)
-
-    seconds = time.perf_counter() - started
-    kept_cells = sum(cells_per_layer)
-    report = {
-        "policy": cfg.policy,
-        "budget": cfg.budget,
-        "prompt_tokens": L,
-        "shared_prefix_tokens": P,
-        "compressed_tokens": L - P,
-        "kept_cells": kept_cells,
-        "private_cells": (L - P) * n_kv_heads * n_layers,
-        "slots_held": P + kept_slots,
-        "slots_freed": int(freed.numel()),
-        "packing_efficiency": round(kept_cells / (kept_slots * n_kv_heads * n_layers), 4),
-        "layer_budget_max_over_mean": round(max(cells_per_layer) / (sum(cells_per_layer) / n_layers), 4),
-        "compression_ms": round(seconds * 1000, 2),
-        "prefill_ms": round(prefill_seconds * 1000, 2),
-    }
+    sources = [torch.cat([row_slots[heads[h]] * n_kv_heads + h for h in range(n_kv_heads)]) for heads in keep]
+    kept_slots, mid_cells, freed = pack_and_free(sources, row_slots[P:L], req_to_token, row, P, kv_pool, allocator, L)
+    mid_lens = [[int(t.numel()) for t in heads] for heads in keep]
+    report = make_report(cfg, keep, L - P, L, P, kept_slots, freed, time.perf_counter() - started, prefill_seconds,
+                         n_kv_heads)
     return CompressedRequest(
         rid=pending.rid, row=row, config=cfg, prefix_len=P, prompt_len=L, kept_slots=kept_slots,
         mid_cells=mid_cells, mid_lens=torch.tensor(mid_lens, dtype=torch.long), report=report, keep=keep,

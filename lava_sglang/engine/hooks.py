@@ -27,6 +27,7 @@ import time
 from typing import Optional
 
 from lava_sglang.config import CompressionConfig
+from lava_sglang.engine.continuation import after_session_held_tokens, around_release_session
 from lava_sglang.engine.request_params import after_sampling_params_verify, resolve
 from lava_sglang.engine.state import REGISTRY, PendingRequest
 from lava_sglang.server_args_patch import config_of
@@ -41,6 +42,9 @@ RELEASE = "sglang.srt.mem_cache.common.release_kv_cache"
 STREAMER = "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer"
 SAMPLING_PARAMS = "sglang.srt.sampling.sampling_params.SamplingParams"
 INTERNAL_STATE = "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController"
+
+POOL_STATS = "sglang.srt.managers.scheduler_components.pool_stats_observer.SchedulerPoolStatsObserver"
+STREAMING_SESSION = "sglang.srt.session.streaming_session.StreamingSession"
 
 META_KEY = "kv_compression"
 
@@ -121,13 +125,17 @@ def after_get_internal_state(result, self, *args, **kwargs):
 # --------------------------------------------------------------------------------------------
 
 class _ExtendStep:
-    """Window rows to capture in this extend forward: (pending, q_lo, q_hi, win_lo); and the
-    replayed re-prefills whose generated-token queries are recomputed (``engine.replay``)."""
+    """What this extend forward does besides the backend's attention: the window rows to
+    capture, (pending, q_lo, q_hi, win_lo); and the queries that attend over a compressed
+    layout (``engine.layout``). With ``whole_batch`` the plan covers every token of the batch
+    (a turn continuing over its compressed cache is in it) and the backend is not run;
+    otherwise it holds only replayed generated tokens (``engine.replay``), whose rows of the
+    backend's output it overwrites."""
 
-    def __init__(self, captures, replays=(), req_to_token=None, kv_pool=None):
+    def __init__(self, captures, plan=None, whole_batch=False, kv_pool=None):
         self.captures = captures
-        self.replays = list(replays)
-        self.req_to_token = req_to_token
+        self.plan = plan
+        self.whole_batch = whole_batch
         self.kv_pool = kv_pool
 
     def capture(self, layer, q):
@@ -153,12 +161,12 @@ class _DecodeStep:
         self.plan_batch = None
 
     def plan_for(self, forward_batch, layer):
-        from lava_sglang.engine.decode import DecodePlan
+        from lava_sglang.engine.decode import decode_plan
 
         if self.plan is None or self.plan_batch is not forward_batch:
             rows = [int(r) for r in forward_batch.req_pool_indices.tolist()]
             seq_lens = [int(n) for n in forward_batch.seq_lens.tolist()]
-            self.plan = DecodePlan(REGISTRY, self.req_to_token, rows, seq_lens, layer.tp_k_head_num)
+            self.plan = decode_plan(REGISTRY, self.req_to_token, rows, seq_lens, layer.tp_k_head_num)
             self.plan_batch = forward_batch
         return self.plan
 
@@ -169,8 +177,9 @@ def _choose(req, prefix_len_in_row: int) -> Optional[PendingRequest]:
     if not config.enabled:
         return None
     max_new = getattr(req.sampling_params, "max_new_tokens", None)
-    if max_new is not None and max_new <= 0:
-        return None  # prefix primers seed shared prefixes: never compressed
+    session = getattr(req, "session", None)
+    if max_new is not None and max_new <= 0 and not getattr(session, "streaming", False):
+        return None  # prefix primers seed shared prefixes: never compressed (a session's context turn is)
     prompt_len = len(req.origin_input_ids)
     P = int(req.kv.cache_protected_len)
     if prompt_len < config.min_prompt_len or prompt_len - P <= config.budget or P > prefix_len_in_row:
@@ -192,38 +201,95 @@ def _replay_or_choose(req, prefix_len_in_row: int) -> Optional[PendingRequest]:
     return _choose(req, prefix_len_in_row)
 
 
-def _prepare_extend(batch) -> tuple[list, list]:
+def _window_capture(pending, offset: int, chunk_lo: int, chunk_hi: int):
+    """The rows of this chunk that fall in ``pending``'s window ``[prompt_len - w, prompt_len)``."""
+    win_start = pending.prompt_len - pending.window
+    lo, hi = max(chunk_lo, win_start), min(chunk_hi, pending.prompt_len)
+    return (pending, offset + lo - chunk_lo, offset + hi - chunk_lo, lo - win_start) if lo < hi else None
+
+
+def _continued_state(req, chunk_lo: int):
+    """The compressed state this chunk continues over (a streaming session's row), or None."""
+    from lava_sglang.engine.continuation import begin_turn
+
+    row = int(req.kv.req_pool_idx)
+    state = REGISTRY.compressed.get(row)
+    if state is None:
+        return None
+    if state.rid != req.rid:
+        if state.kv is not req.kv:  # not the session's record: a stale state, never read it
+            logger.warning("lava-sglang: row %d: dropping the state of %s (request %s is not its continuation)",
+                           row, state.rid, req.rid)
+            REGISTRY.drop(row)
+            return None
+        begin_turn(state, req, request_config(req), len(req.full_untruncated_fill_ids), chunk_lo)
+        req.skip_radix_cache_insert = True
+    if chunk_lo < state.prompt_len:
+        from lava_sglang.engine.continuation import rewind
+
+        rewind(state, chunk_lo)
+    return state
+
+
+def _prepare_extend(batch, req_to_token, n_kv_heads: int):
+    """Decide, per request of an extend batch, what this forward does besides the backend:
+    choose for compression, capture window queries, continue over a compressed layout, replay.
+    Returns the :class:`_ExtendStep`, or None when the batch needs nothing of ours."""
+    from lava_sglang.engine.layout import LayoutEntry, LayoutPlan, state_mid, uncompressed_entry
     from lava_sglang.engine.replay import ReplayChunk
 
-    captures, replays = [], []
+    captures, replays, entries = [], [], []
+    continued = False
     offset = 0
     for i, req in enumerate(batch.reqs):
         ext, pre = int(batch.extend_lens[i]), int(batch.prefix_lens[i])
         row = req.kv.req_pool_idx
         chunk_lo, chunk_hi = pre, pre + ext
+        state = _continued_state(req, chunk_lo) if row is not None else None
+        if state is not None:
+            continued = True
+            entries.append(LayoutEntry(state.row, state.prefix_len, state.prompt_len, chunk_hi, ext, offset, state_mid(state)))
+            if state.reselect is not None:
+                cap = _window_capture(state.reselect, offset, chunk_lo, chunk_hi)
+                if cap is not None:
+                    captures.append(cap)
+            offset += ext
+            continue
+        pending = None
         if row is not None:
             row = int(row)
             pending = REGISTRY.pending.get(row)
             if pending is not None and pending.rid != req.rid:
                 REGISTRY.drop(row)
                 pending = None
-            if pending is None and _NOT_COMPRESSED.get(row) != req.rid and row not in REGISTRY.compressed:
+            if pending is None and _NOT_COMPRESSED.get(row) != req.rid:
                 pending = _replay_or_choose(req, pre)
                 if pending is None:
                     _NOT_COMPRESSED[row] = req.rid
                 else:
                     req.skip_radix_cache_insert = True
                     REGISTRY.pending[row] = pending
-            if pending is not None and pending.replay is not None:
-                if chunk_hi > pending.prompt_len:
-                    replays.append(ReplayChunk(pending, offset, chunk_lo, chunk_hi))
-            elif pending is not None:
-                win_start = pending.prompt_len - pending.window
-                lo, hi = max(chunk_lo, win_start), min(chunk_hi, pending.prompt_len)
-                if lo < hi:
-                    captures.append((pending, offset + lo - chunk_lo, offset + hi - chunk_lo, lo - win_start))
+        if pending is not None and pending.replay is not None and chunk_hi > pending.prompt_len:
+            replays.append(ReplayChunk(pending, offset, chunk_lo, chunk_hi))
+            prompt_hi = min(chunk_hi, pending.prompt_len)
+            if prompt_hi > chunk_lo:  # the prompt part, read as by the backend (whole-batch plans only)
+                entries.append(uncompressed_entry(row, prompt_hi, prompt_hi - chunk_lo, offset))
+        else:
+            if pending is not None and pending.replay is None:
+                cap = _window_capture(pending, offset, chunk_lo, chunk_hi)
+                if cap is not None:
+                    captures.append(cap)
+            if row is not None:
+                entries.append(uncompressed_entry(row, chunk_hi, ext, offset))
         offset += ext
-    return captures, replays
+    replay_entries = [e for e in (c.layout_entry(req_to_token, n_kv_heads) for c in replays) if e is not None]
+    if continued:
+        return _ExtendStep(captures, LayoutPlan(entries + replay_entries, req_to_token, n_kv_heads), whole_batch=True)
+    if not captures and not replay_entries and not any(r.kv.req_pool_idx is not None and
+                                                        REGISTRY.pending.get(int(r.kv.req_pool_idx)) for r in batch.reqs):
+        return None
+    plan = LayoutPlan(replay_entries, req_to_token, n_kv_heads) if replay_entries else None
+    return _ExtendStep(captures, plan)
 
 
 def _memory_freed() -> None:
@@ -235,17 +301,82 @@ def _memory_freed() -> None:
         running.batch_is_full = False
 
 
+def _record(worker, req, report: dict, first: bool) -> None:
+    """Totals, metrics, the response's ``meta_info["kv_compression"]``, the log line and the
+    debug invariants of one compression (``first``) or re-selection of a continued turn."""
+    from lava_sglang.engine import metrics
+    from lava_sglang.engine.accounting import debug_check
+
+    _memory_freed()
+    totals = REGISTRY.totals
+    if first:
+        totals["compressed_requests"] += 1
+        totals["kept_cells"] += report["kept_cells"]
+    totals["freed_slots"] += report["slots_freed"]
+    totals["compression_seconds"] += report["compression_ms"] / 1000
+    metrics.record(report)
+    _attach(req, report)
+    r = report
+    logger.info("lava-sglang: %s %s: policy=%s prompt=%d shared=%d kept_cells=%d slots_held=%d freed=%d "
+                "packing=%.2f %.1f ms (prefill %.1f ms)%s", "compressed" if first else "re-selected", req.rid,
+                r["policy"], r["prompt_tokens"], r["shared_prefix_tokens"], r["kept_cells"], r["slots_held"],
+                r["slots_freed"], r["packing_efficiency"], r["compression_ms"], r["prefill_ms"],
+                "" if first else f" turn {r.get('turn')}, earlier kept cells dropped {r.get('earlier_kept_cells_dropped')}")
+    debug_check(worker)
+
+
+def _attach(req, report: dict) -> None:
+    if req.customized_info is None:
+        req.customized_info = {}
+    req.customized_info[META_KEY] = [dict(report)]
+
+
+def _finish_continued(worker, req, state, chunk_lo: int, chunk_hi: int, elapsed: float) -> None:
+    """After a forward of a turn that continues over ``state``: once its prompt is complete,
+    re-select the history (``engine.continuation``) and report the turn."""
+    from lava_sglang.engine.continuation import reselect
+
+    pend = state.reselect
+    if pend is not None:
+        pend.prefill_seconds += elapsed
+    if chunk_hi < len(req.full_untruncated_fill_ids):
+        return  # more chunks to come
+    if pend is None or pend.prompt_len != chunk_hi:
+        state.reselect = None
+        if not (req.customized_info or {}).get(META_KEY):  # a turn too short to re-select, or a re-admission
+            _attach(req, dict(state.report, turn=state.turns, continued=True, reselected=False))
+        return
+    if any(q is None for q in pend.queries) or len(pend.queries) != len(state.mid_cells):
+        logger.warning("lava-sglang: request %s: window queries missing; history not re-selected", req.rid)
+        state.reselect = None
+        return
+    runner = worker.model_runner
+    report = reselect(state, runner.req_to_token_pool.req_to_token, runner.token_to_kv_pool,
+                      runner.token_to_kv_pool_allocator, prefill_seconds=pend.prefill_seconds)
+    if report is None:
+        _attach(req, dict(state.report, turn=state.turns, continued=True, reselected=False))
+        return
+    _record(worker, req, report, first=False)
+
+
 def _finish_extend(worker, batch, elapsed: float) -> None:
     from lava_sglang.engine.compress import compress_request
 
     runner = worker.model_runner
     for i, req in enumerate(batch.reqs):
         row = req.kv.req_pool_idx
-        pending = REGISTRY.pending.get(int(row)) if row is not None else None
+        if row is None:
+            continue
+        chunk_lo = int(batch.prefix_lens[i])
+        chunk_hi = chunk_lo + int(batch.extend_lens[i])
+        state = REGISTRY.compressed.get(int(row))
+        if state is not None and state.rid == req.rid:
+            _finish_continued(worker, req, state, chunk_lo, chunk_hi, elapsed)
+            continue
+        pending = REGISTRY.pending.get(int(row))
         if pending is None or pending.rid != req.rid:
             continue
         pending.prefill_seconds += elapsed
-        chunk_hi = int(batch.prefix_lens[i]) + int(batch.extend_lens[i])
         if chunk_hi < len(req.full_untruncated_fill_ids):
             continue  # more chunks to come
         del REGISTRY.pending[pending.row]
@@ -256,30 +387,13 @@ def _finish_extend(worker, batch, elapsed: float) -> None:
                                  runner.token_to_kv_pool_allocator, prefill_seconds=pending.prefill_seconds)
         if state is None:
             continue
+        state.kv = req.kv
+        state.report["turn"] = 1
         REGISTRY.compressed[state.row] = state
-        _memory_freed()
-        totals = REGISTRY.totals
         if pending.replay is not None:
-            totals["replayed_requests"] += 1
+            REGISTRY.totals["replayed_requests"] += 1
             state.report["replayed_after_retraction"] = True
-        totals["compressed_requests"] += 1
-        totals["kept_cells"] += state.report["kept_cells"]
-        totals["freed_slots"] += state.report["slots_freed"]
-        totals["compression_seconds"] += state.report["compression_ms"] / 1000
-        from lava_sglang.engine import metrics
-
-        metrics.record(state.report)
-        if req.customized_info is None:
-            req.customized_info = {}
-        req.customized_info[META_KEY] = [dict(state.report)]
-        r = state.report
-        logger.info("lava-sglang: compressed %s: policy=%s prompt=%d shared=%d kept_cells=%d slots_held=%d freed=%d "
-                    "packing=%.2f %.1f ms (prefill %.1f ms)", req.rid, r["policy"], r["prompt_tokens"],
-                    r["shared_prefix_tokens"], r["kept_cells"], r["slots_held"], r["slots_freed"],
-                    r["packing_efficiency"], r["compression_ms"], r["prefill_ms"])
-        from lava_sglang.engine.accounting import debug_check
-
-        debug_check(worker)
+        _record(worker, req, state.report, first=True)
 
 
 def around_forward_batch_generation(original, self, batch=None, *args, **kwargs):
@@ -287,21 +401,23 @@ def around_forward_batch_generation(original, self, batch=None, *args, **kwargs)
     if batch is None or not getattr(batch, "reqs", None) or not server_config().enabled:
         return original(self, batch, *args, **kwargs)
     mode = batch.forward_mode
+    runner = self.model_runner
     if mode.is_decode():
         if not any(REGISTRY.compressed_for(r.kv.req_pool_idx) is not None for r in batch.reqs):
             return original(self, batch, *args, **kwargs)
-        _STEP = _DecodeStep(self.model_runner.req_to_token_pool.req_to_token, self.model_runner.token_to_kv_pool)
+        _STEP = _DecodeStep(runner.req_to_token_pool.req_to_token, runner.token_to_kv_pool)
         try:
             return original(self, batch, *args, **kwargs)
         finally:
             _STEP = None
     if not mode.is_extend():
         return original(self, batch, *args, **kwargs)
-    captures, replays = _prepare_extend(batch)
-    if not any(REGISTRY.pending.get(int(r.kv.req_pool_idx)) for r in batch.reqs if r.kv.req_pool_idx is not None):
+    pool = runner.token_to_kv_pool
+    step = _prepare_extend(batch, runner.req_to_token_pool.req_to_token, int(pool.get_key_buffer(0).shape[1]))
+    if step is None:
         return original(self, batch, *args, **kwargs)
-    runner = self.model_runner
-    _STEP = _ExtendStep(captures, replays, runner.req_to_token_pool.req_to_token, runner.token_to_kv_pool)
+    step.kv_pool = pool
+    _STEP = step
     started = time.perf_counter()
     try:
         result = original(self, batch, *args, **kwargs)
@@ -315,19 +431,29 @@ def around_radix_attention_forward(original, self, q, k, v, forward_batch, *args
     step = _STEP
     if step is None:
         return original(self, q, k, v, forward_batch, *args, **kwargs)
-    if isinstance(step, _DecodeStep) and forward_batch.forward_mode.is_decode():
+    from lava_sglang.engine.layout import attend, save_kv
+
+    save_kv_cache = args[0] if args else kwargs.get("save_kv_cache", True)
+    if isinstance(step, _DecodeStep):
+        if not forward_batch.forward_mode.is_decode():
+            return original(self, q, k, v, forward_batch, *args, **kwargs)
         from lava_sglang.engine.decode import decode_attention
 
-        save_kv_cache = args[0] if args else kwargs.get("save_kv_cache", True)
         return decode_attention(self, q, k, v, forward_batch, save_kv_cache, step.plan_for(forward_batch, self),
                                 step.kv_pool)
-    out = original(self, q, k, v, forward_batch, *args, **kwargs)
-    if isinstance(step, _ExtendStep) and step.captures:
+    if step.whole_batch:
+        if save_kv_cache:
+            save_kv(self, k, v, forward_batch.out_cache_loc, step.kv_pool)
+        n_tokens = q.reshape(-1, self.tp_q_head_num * self.qk_head_dim).shape[0]
+        if step.plan.n_tokens != n_tokens:
+            raise RuntimeError(f"lava-sglang: the layout plan covers {step.plan.n_tokens} of {n_tokens} extend tokens")
+        out = attend(self, q, step.plan, step.kv_pool)
+    else:
+        out = original(self, q, k, v, forward_batch, *args, **kwargs)
+        if step.plan is not None:
+            out = attend(self, q, step.plan, step.kv_pool, out)
+    if step.captures:
         step.capture(self, q)
-    if isinstance(step, _ExtendStep) and step.replays:
-        from lava_sglang.engine.replay import replay_attention
-
-        out = replay_attention(self, q, out, step.replays, step.kv_pool, step.req_to_token)
     return out
 
 
@@ -363,20 +489,30 @@ def _is_retraction(req) -> bool:
 
 
 def around_release_kv_cache(original, req, tree_cache, *args, **kwargs):
+    from lava_sglang.engine.continuation import session_records
+
     row, rid = req.kv.req_pool_idx, req.rid
     state = REGISTRY.compressed_for(row)
     was_compressed = state is not None
     if was_compressed and state.rid == rid and _is_retraction(req):
         REGISTRY.remember_retracted(state)
         logger.info("lava-sglang: compressed request %s retracted; its re-prefill will replay its selection", rid)
+    kept = False
     try:
         result = original(req, tree_cache, *args, **kwargs)
+        # A streaming session kept the row (a finished or retracted turn): the compressed state
+        # stays with it for the next turn (engine.continuation); nothing was freed.
+        kept = row is not None and int(row) in session_records(tree_cache)
     finally:
-        REGISTRY.drop(row, rid)
-        if row is not None and _NOT_COMPRESSED.get(int(row)) == rid:
-            del _NOT_COMPRESSED[int(row)]
-        if was_compressed:
-            REGISTRY.totals["released_requests"] += 1
+        if kept:
+            REGISTRY.retracted.pop(rid, None)
+            REGISTRY.pending.pop(int(row), None)
+        else:
+            REGISTRY.drop(row, rid)
+            if row is not None and _NOT_COMPRESSED.get(int(row)) == rid:
+                del _NOT_COMPRESSED[int(row)]
+            if was_compressed:
+                REGISTRY.totals["released_requests"] += 1
     from lava_sglang.engine.accounting import after_release
 
     after_release(tree_cache, row)  # LAVA_SGLANG_DEBUG=1: invariants after every release
@@ -399,4 +535,6 @@ def hook_specs():
         (RELEASE, around_release_kv_cache, "AROUND", True),
         (f"{STREAMER}.is_request_level_customized_info_key", around_is_request_level_key, "AROUND", True),
         (f"{SAMPLING_PARAMS}.verify", after_sampling_params_verify, "AFTER", True),
+        (f"{POOL_STATS}.session_held_tokens", after_session_held_tokens, "AFTER", True),
+        (f"{STREAMING_SESSION}.release_session", around_release_session, "AROUND", True),
     ]

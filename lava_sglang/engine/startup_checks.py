@@ -23,10 +23,6 @@ def unsupported_settings(cfg: Any) -> list[str]:
         problems.append(f"page size > 1 (--page-size {cfg.page_size}; compressed caches are per-token)")
     if getattr(cfg, "enable_hierarchical_cache", False):
         problems.append("hierarchical cache (--enable-hierarchical-cache)")
-    if getattr(cfg, "enable_streaming_session", False):
-        # the session keeps a compressed record across turns; continuing it is not implemented yet
-        # (SGLang's pool invariant check would otherwise kill the scheduler after the first turn)
-        problems.append("streaming sessions (--enable-streaming-session; continuing a compressed session is not supported yet)")
     if getattr(cfg, "enable_mixed_chunk", False):
         problems.append("mixed chunk (--enable-mixed-chunk)")
     graphs = getattr(cfg, "cuda_graph_config", None)

@@ -9,6 +9,9 @@ A request goes through two states:
   slots ``row[P:P+K]``, slots ``row[P+K:L]`` returned to the allocator, decode tokens at
   ``row[L:]``.
 
+A streaming session keeps the row (and so the CompressedRequest) after its turn finishes; the
+next turn continues over it (``engine.continuation``) and ``rid`` follows the running turn.
+
 A compressed request that SGLang retracts (decode ran out of KV memory) loses its slots and is
 prefilled again later, prompt and generated tokens together. Its selection is kept as a
 :class:`RetractedRequest` (keyed by request id: the row changes) so the re-prefill can replay
@@ -61,6 +64,13 @@ class CompressedRequest:
     mid_lens: torch.Tensor  # [n_layers, Hkv] int64: kept cells per (layer, head)
     report: dict  # what the response's meta_info shows
     keep: list = field(default_factory=list)  # per layer, per KV head: kept row positions in [P, L)
+    # Conversations (engine.continuation): the turn this state serves (1 = the compressed one),
+    # SGLang's KV record of the row (a streaming session keeps it across turns), and the
+    # window of the running turn while it is prefilled (a PendingRequest whose prompt_len is
+    # the turn's end), from which the history is re-selected.
+    turns: int = 1
+    kv: object = None
+    reselect: Optional["PendingRequest"] = None
 
     @property
     def freed_range(self) -> tuple[int, int]:
@@ -90,7 +100,9 @@ class Registry:
         self.retracted: "collections.OrderedDict[str, RetractedRequest]" = collections.OrderedDict()
         self.lock = threading.Lock()
         self.totals = {"compressed_requests": 0, "kept_cells": 0, "freed_slots": 0, "compression_seconds": 0.0,
-                       "released_requests": 0, "retracted_requests": 0, "replayed_requests": 0}
+                       "released_requests": 0, "retracted_requests": 0, "replayed_requests": 0,
+                       "continued_turns": 0, "reselections": 0, "earlier_kept_cells_dropped": 0,
+                       "continued_prefill_tokens": 0}
 
     def compressed_for(self, row: Optional[int]) -> Optional[CompressedRequest]:
         return None if row is None else self.compressed.get(int(row))

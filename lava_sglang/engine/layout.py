@@ -1,0 +1,158 @@
+"""Queries over a compressed layout: the one path for decode, for extend forwards of a
+conversation that continues over its compressed cache, and for the retraction replay.
+
+What a request's row of ``req_to_token`` holds, as this module reads it (DESIGN.md section 5):
+
+* ``row[0:P]``: the prefix, read by every KV head (the tree-shared prefix of a compressed
+  request; the whole sequence of an uncompressed one, with ``P = L = S``);
+* ``mid(l)``: the kept cells of layer ``l``, per KV head (absolute cell ids of the flat
+  single-head view ``k_buffer[l].view(-1, D)``, head-major, with their per-head counts);
+* ``row[L:S]``: the tokens appended after compression (decode tokens, a later turn's new
+  tokens), read by every head; the forward's ``n_q`` queries are the last ``n_q`` of them.
+
+One :class:`LayoutEntry` per request (or per segment of a request's queries) in a forward.
+In layer ``l``, KV head ``h`` its queries attend to ``row[0:P]``, ``mid(l)[h]`` and
+``row[L:S]``, causally (query ``i`` of ``n_q`` sees all but the last ``n_q - 1 - i`` cells).
+:class:`LayoutPlan` gathers the row ranges of a batch once and builds each layer's CSR cell
+lists with :func:`lava_sglang.kernels.decode_attention.build_pair_indices` (the one index
+builder); :func:`attend` runs the decode kernel when every entry has one query, the extend
+kernel otherwise (batched torch on CPU, Triton / FlashInfer on CUDA: see ``kernels/``).
+
+No SGLang import: ``layer`` is anything with ``layer_id``, ``tp_q_head_num``,
+``tp_k_head_num``, ``qk_head_dim``, ``v_head_dim`` and ``scaling`` (SGLang's RadixAttention).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from lava_sglang.kernels.decode_attention import build_pair_indices, gather_row_ranges, paged_decode_attention
+from lava_sglang.kernels.extend_attention import paged_extend_attention
+
+# layer id -> (cells [sum(lens)] int64 head-major, lens [Hkv] int64), or None: no kept cells
+MidFn = Callable[[int], Optional[tuple]]
+
+
+@dataclass
+class LayoutEntry:
+    row: int  # req_to_token row
+    prefix_end: int  # P
+    suffix_start: int  # L
+    seq_end: int  # S: one past the last cell read (the last query's own token)
+    n_q: int  # queries of this entry: the tokens row[S - n_q:S]
+    q_offset: int  # index of its first query in the forward's flattened tokens
+    mid: Optional[MidFn] = None
+
+    def __post_init__(self):
+        P, L, S, n = self.prefix_end, self.suffix_start, self.seq_end, self.n_q
+        if not (0 <= P <= L <= S) or n < 1 or S - n < (L if self.mid is not None else 0):
+            raise ValueError(f"row {self.row}: inconsistent layout P={P} L={L} S={S} n_q={n}")
+
+
+def uncompressed_entry(row: int, seq_end: int, n_q: int, q_offset: int) -> LayoutEntry:
+    return LayoutEntry(row, seq_end, seq_end, seq_end, n_q, q_offset)
+
+
+def state_mid(state) -> MidFn:
+    """The kept cells of a :class:`~lava_sglang.engine.state.CompressedRequest`."""
+    return lambda layer: (state.mid_cells[layer], state.mid_lens[layer])
+
+
+def positions_mid(keep: list, row_slots: torch.Tensor, n_kv_heads: int) -> MidFn:
+    """Kept cells given as row positions (``keep[l][h]``) of a row whose slots are ``row_slots``
+    (not repacked yet: the retraction replay)."""
+    def mid(layer):
+        heads = keep[layer]
+        cells = torch.cat([row_slots[heads[h].to(row_slots.device)] * n_kv_heads + h for h in range(n_kv_heads)])
+        return cells, torch.tensor([int(t.numel()) for t in heads], dtype=torch.long)
+    return mid
+
+
+class LayoutPlan:
+    """Cell lists of one forward's entries: row ranges gathered once, per-layer CSR on demand."""
+
+    def __init__(self, entries: list, req_to_token: torch.Tensor, n_kv_heads: int):
+        self.entries = entries
+        self.n_kv_heads = H = int(n_kv_heads)
+        device = req_to_token.device
+        rows = [e.row for e in entries]
+        zeros = [0] * len(entries)
+        self.prefix_slots, self.prefix_lens = gather_row_ranges(req_to_token, rows, zeros, [e.prefix_end for e in entries])
+        self.suffix_slots, self.suffix_lens = gather_row_ranges(
+            req_to_token, rows, [e.suffix_start for e in entries], [e.seq_end for e in entries])
+        n_q = [e.n_q for e in entries]
+        self.decode_only = all(n == 1 for n in n_q) and [e.q_offset for e in entries] == list(range(len(entries)))
+        # pair-major query rows: pair (e, h) reads tokens q_offset(e) .. + n_q(e) - 1 of head group h
+        pair_q = torch.tensor([n for n in n_q for _ in range(H)], dtype=torch.long)
+        self.qo_indptr = torch.zeros(len(entries) * H + 1, dtype=torch.int32)
+        torch.cumsum(pair_q, 0, out=self.qo_indptr[1:])
+        self.qo_indptr = self.qo_indptr.to(device)
+        tokens, pair_rows, base = [], [], 0
+        head = torch.arange(H)
+        for e in entries:
+            tokens.append(torch.arange(e.q_offset, e.q_offset + e.n_q))
+            pair_rows.append(((base + torch.arange(e.n_q))[None, :] * H + head[:, None]).reshape(-1))
+            base += e.n_q
+        self.n_tokens = base
+        self.token_rows = (torch.cat(tokens) if tokens else torch.zeros(0, dtype=torch.long)).to(device)
+        self.pair_rows = (torch.cat(pair_rows) if pair_rows else torch.zeros(0, dtype=torch.long)).to(device)
+        self._layers: dict = {}
+
+    def indices(self, layer_id: int):
+        built = self._layers.get(layer_id)
+        if built is not None:
+            return built
+        H = self.n_kv_heads
+        device = self.prefix_slots.device
+        pieces, lens = [], []
+        for e in self.entries:
+            got = e.mid(layer_id) if e.mid is not None else None
+            if got is None:
+                lens.append(torch.zeros(H, dtype=torch.long))
+            else:
+                pieces.append(got[0])
+                lens.append(torch.as_tensor(got[1], dtype=torch.long).cpu())
+        mid = torch.cat(pieces).to(device) if pieces else torch.zeros(0, dtype=torch.long, device=device)
+        built = build_pair_indices(H, self.prefix_slots, self.prefix_lens, self.suffix_slots, self.suffix_lens,
+                                   mid, torch.stack(lens).to(device))
+        self._layers[layer_id] = built
+        return built
+
+
+def save_kv(layer, k, v, out_cache_loc, pool) -> None:
+    """Write this forward's keys and values (what the attention backend would have done)."""
+    if k is None or v is None:
+        return
+    Hkv, D = layer.tp_k_head_num, layer.qk_head_dim
+    pool.set_kv_buffer(layer, out_cache_loc, k.view(-1, Hkv, D), v.view(-1, Hkv, layer.v_head_dim))
+
+
+def attend(layer, q: torch.Tensor, plan: LayoutPlan, pool, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Attention of the plan's queries over their layouts, written into ``out``'s rows
+    (``[T, Hq * Dv]``; a new tensor of ``T = plan.n_tokens`` rows when None)."""
+    Hq, Hkv, D, Dv = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim, layer.v_head_dim
+    g = Hq // Hkv
+    k_flat = pool.get_key_buffer(layer.layer_id).view(-1, D)
+    v_flat = pool.get_value_buffer(layer.layer_id).view(-1, Dv)
+    pairs = plan.indices(layer.layer_id)
+    q3 = q.reshape(-1, Hq, D)
+    if out is None:
+        out = q.new_empty((q3.shape[0], Hq * Dv))
+    o3 = out.view(-1, Hq, Dv)
+    if plan.decode_only:
+        B = len(plan.entries)
+        res = paged_decode_attention(q3[:B].reshape(B * Hkv, g, D), k_flat, v_flat, pairs.kv_indptr, pairs.kv_indices,
+                                     layer.scaling)
+        o3[:B] = res.reshape(B, Hq, Dv)
+        return out
+    n = plan.n_tokens
+    q_pairs = q3.index_select(0, plan.token_rows).reshape(n * Hkv, g, D).index_select(0, plan.pair_rows)
+    res = paged_extend_attention(q_pairs, k_flat, v_flat, plan.qo_indptr, pairs.kv_indptr, pairs.kv_indices,
+                                 layer.scaling)
+    tok = torch.empty((n * Hkv, g, Dv), dtype=res.dtype, device=res.device)
+    tok[plan.pair_rows] = res
+    o3[plan.token_rows] = tok.view(n, Hq, Dv).to(out.dtype)
+    return out

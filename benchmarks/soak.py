@@ -10,7 +10,10 @@ retract), then runs ``--concurrency`` client threads for ``--seconds``. Each req
 * a policy (every policy, ``none`` included) and a budget through ``custom_params``;
 * streaming or not, ``ignore_eos`` or not, and whether the client disconnects mid-way;
 * now and then a malformed setting (must be an HTTP 400) or an exactness check: a budget that
-  covers the prompt must give the same greedy tokens as ``kv_policy=none``.
+  covers the prompt must give the same greedy tokens as ``kv_policy=none``;
+* now and then a conversation: a streaming session (the server runs with
+  ``--enable-streaming-session``) of 2-4 turns, each with its own policy and budget, sometimes a
+  context turn with no output, sometimes a turn its client drops, always closed at the end.
 
 After the load, up to 20 completed compressed requests that were retracted are served again
 alone and must give the same greedy tokens as under pressure.
@@ -36,6 +39,7 @@ import random
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 from lava_sglang.config import POLICIES
@@ -167,6 +171,8 @@ class Soak:
             return self.bad_request(rng)
         if r < 0.13:
             return self.exact_check(rng)
+        if r < 0.23:
+            return self.conversation(rng)
         kind, ids = self.prompt(rng)
         custom = self.random_custom(rng)
         sp = self.sampling(rng, custom)
@@ -288,6 +294,40 @@ class Soak:
                 self.stats.mismatches.append({"policy": policy, "prompt_tokens": len(ids),
                                               "a": outs[0]["output_ids"], "b": outs[1]["output_ids"]})
 
+    def conversation(self, rng):
+        """A streaming session of 2-4 turns continuing over its (compressed) cache."""
+        s = self.stats
+        sid = http_json(self.server.url + "/open_session", {"capacity_of_str_len": 1 << 22, "streaming": True})
+        s.add("sessions")
+        try:
+            for t in range(rng.randint(2, 4)):
+                _, ids = self.prompt(rng)
+                custom = self.random_custom(rng)
+                sp = self.sampling(rng, custom)
+                if t == 0 and rng.random() < 0.2:
+                    sp["max_new_tokens"] = 0  # a context turn, questioned by the next one
+                payload = {"input_ids": ids, "sampling_params": sp, "session_params": {"id": sid}}
+                if rng.random() < 0.08:
+                    s.add("session_turns_aborted")
+                    conn = post(self.server.port, payload)
+                    time.sleep(rng.uniform(0.0, 1.5))
+                    drop(conn)
+                    break  # the session's next turns would start from its last finished turn
+                out = http_json(self.server.url + "/generate", payload)
+                s.add("session_turns")
+                if t and out["meta_info"].get("cached_tokens", 0) == 0:
+                    s.error(f"session turn {t + 1} reused nothing: {out['meta_info']}")
+                if sp["max_new_tokens"] == 0:
+                    continue
+                self.check_complete(out, sp, f"session turn {t + 1} {custom}")
+                if (out["meta_info"].get("kv_compression") or [{}])[0].get("continued"):
+                    s.add("session_turns_continued")
+        finally:
+            req = urllib.request.Request(self.server.url + "/close_session", data=json.dumps({"session_id": sid}).encode(),
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=120) as resp:
+                resp.read()
+
     # --- driver --------------------------------------------------------------------------
     def worker(self, k, deadline):
         rng = random.Random(self.args.seed * 1000 + k)
@@ -330,7 +370,7 @@ def main(argv=None) -> int:
         env.update({"SGLANG_INIT_NEW_TOKEN_RATIO": "0.05", "SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION": "8"})
     os.environ.update(env)  # the server copies os.environ when constructed
     flags = ["--kv-policy", args.policy, "--kv-budget", str(args.budget), "--max-total-tokens", str(args.pool),
-             "--chunked-prefill-size", str(args.chunk), "--log-level", "info"]
+             "--chunked-prefill-size", str(args.chunk), "--log-level", "info", "--enable-streaming-session"]
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -367,6 +407,9 @@ def main(argv=None) -> int:
         "requests_retracted": c.get("retracted", 0),
         "retractions": c.get("retractions", 0),
         "requests_compressed": c.get("compressed", 0),
+        "sessions": c.get("sessions", 0),
+        "session_turns": c.get("session_turns", 0),
+        "session_turns_continued": c.get("session_turns_continued", 0),
         "rejected_400": c.get("rejected_400", 0),
         "exact_checks": c.get("exact_checks", 0),
         "exact_mismatches": len(s.mismatches) - c.get("retraction_mismatches", 0),
@@ -399,7 +442,8 @@ def main(argv=None) -> int:
     path.write_text(json.dumps(result, indent=2) + "\n")
     summary = {k: result[k] for k in ("ok", "elapsed_seconds", "requests_sent", "requests_completed",
                                       "requests_aborted_by_client", "requests_retracted", "retractions",
-                                      "requests_compressed", "rejected_400", "exact_checks", "exact_mismatches",
+                                      "requests_compressed", "sessions", "session_turns", "session_turns_continued",
+                                      "rejected_400", "exact_checks", "exact_mismatches",
                                       "retraction_checks", "retraction_mismatches",
                                       "errors", "incomplete", "leaked_slots", "tree_protected_tokens", "log_errors")}
     print(json.dumps(summary, indent=2))

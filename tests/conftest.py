@@ -56,6 +56,20 @@ class ServerPool:
         self.last = server
         return server
 
+    def get_with_env(self, flags, env: dict):
+        """``get(*flags)`` with ``env`` in the environment the server is started with (the pool key
+        is the flags alone: give a server with other env vars other flags)."""
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)  # Server copies os.environ when it is constructed
+        try:
+            return self.get(*flags)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
     def stop_all(self):
         while self.live:
             _, server = self.live.popitem()

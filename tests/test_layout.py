@@ -228,7 +228,8 @@ def test_rewind_reads_the_recomputed_last_token_instead_of_its_kept_cell():
     P, L = state.prefix_len, state.prompt_len
     before = [[t.clone() for t in heads] for heads in state.keep]
     cells_before = [c.clone() for c in state.mid_cells]
-    rewind(state, L - 1)
+    req_to_token[state.row, L - 1] = 399  # the slot SGLang allocated for the re-extended token
+    rewind(state, L - 1, req_to_token)
     assert state.prompt_len == L - 1
     for l in range(N_LAYERS):
         for h in range(HKV):
@@ -237,5 +238,7 @@ def test_rewind_reads_the_recomputed_last_token_instead_of_its_kept_cell():
         lens = state.mid_lens[l].tolist()
         old = torch.split(cells_before[l], [n + 1 for n in lens])
         assert torch.equal(state.mid_cells[l], torch.cat([o[:-1] for o in old]))
+        src, dst = state.restore[l]  # the original vectors go to the new slot's cells
+        assert torch.equal(src, torch.stack([o[-1] for o in old])) and dst.tolist() == [399 * HKV + h for h in range(HKV)]
     with pytest.raises(RuntimeError, match="append-only"):
-        rewind(state, P)
+        rewind(state, P, req_to_token)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import threading
 import time
 import urllib.error
@@ -42,16 +41,7 @@ def corpus():
 
 
 def server_with_env(servers, flags, env):
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # Server copies os.environ when it is constructed
-    try:
-        return servers.get(*flags)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return servers.get_with_env(flags, env)
 
 
 @pytest.fixture(scope="module")

@@ -27,3 +27,4 @@ def test_short_soak(tmp_path):
                                       "log_errors", "error_samples", "incomplete_samples")}
     assert proc.returncode == 0 and result["ok"], summary
     assert result["requests_completed"] > 0 and result["final_memory"]["debug_checks"]["after_release"] > 0
+    assert result["sessions"] > 0 and result["session_turns"] > 0, summary

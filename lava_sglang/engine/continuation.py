@@ -59,32 +59,43 @@ def begin_turn(state: CompressedRequest, req, config, turn_end: int, chunk_lo: i
                                         prompt_len=turn_end)
 
 
-def rewind(state: CompressedRequest, chunk_lo: int) -> None:
+def rewind(state: CompressedRequest, chunk_lo: int, req_to_token: torch.Tensor) -> None:
     """SGLang extends a row again from ``chunk_lo < L``: a retracted turn re-enters with one
     token held back for its logits (``streaming_session.try_match_prefix``: "committed_len can
     exceed len(token_ids) by 1"), and recomputes the last token(s) of the compressed range.
-    Those positions are in the window, kept in every (layer, head); their kept cells are dropped
-    from the layout and the recomputed ones are read as appended tokens instead. Their packed
-    cells stay owned (slack until the next re-selection)."""
+    Those positions are in the window, kept in every (layer, head); their kept cells leave the
+    layout and the row's new slots for them are read as appended tokens instead. The forward
+    would write recomputed keys and values there, computed over the compressed history rather
+    than the context they had: ``state.restore[l] = (old cells, new cells)`` tells the extend
+    step to copy the original vectors over them in every layer, so later tokens read exactly
+    what they read without the retraction. The old packed cells stay owned (slack until the
+    next re-selection)."""
     P, L, K, w = state.prefix_len, state.prompt_len, state.kept_slots, state.config.window
     if chunk_lo < P + K or chunk_lo < L - w:
         raise RuntimeError(f"lava-sglang: request {state.rid} extends row {state.row} from {chunk_lo}, inside its "
                            f"compressed range [{P}, {L}) (kept slots end at {P + K}, window starts at {L - w}); "
                            "streaming sessions are append-only")
-    mid_cells, mid_lens, keep = [], [], []
+    H = len(state.keep[0])
+    new_slots = req_to_token[state.row, chunk_lo:L].to(torch.long)
+    mid_cells, mid_lens, keep, restore = [], [], [], []
     for layer in range(len(state.mid_cells)):
         cells = torch.split(state.mid_cells[layer], state.mid_lens[layer].tolist())
-        kept_l, cells_l = [], []
+        kept_l, cells_l, src, dst = [], [], [], []
         for h, positions in enumerate(state.keep[layer]):
             mask = positions < chunk_lo
             kept_l.append(positions[mask])
             cells_l.append(cells[h][mask.to(cells[h].device)])
+            src.append(cells[h][(~mask).to(cells[h].device)])  # positions chunk_lo .. L-1, in order
+            dst.append(new_slots * H + h)
+        restore.append((torch.cat(src), torch.cat(dst)))
         mid_cells.append(torch.cat(cells_l))
         mid_lens.append([int(t.numel()) for t in kept_l])
         keep.append(kept_l)
-    state.mid_cells, state.keep = mid_cells, keep
+    state.mid_cells, state.keep, state.restore = mid_cells, keep, restore
     state.mid_lens = torch.tensor(mid_lens, dtype=torch.long)
     state.prompt_len = chunk_lo
+    logger.info("lava-sglang: request %s re-enters row %d at %d (compressed range ended at %d): the original "
+                "vectors of those positions are kept", state.rid, state.row, chunk_lo, L)
 
 
 def _head_scores(policy, cfg, queries, k_flat, v_flat, prefix_cells, mid_h, appended_cells, P) -> torch.Tensor:

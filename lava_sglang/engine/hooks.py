@@ -137,6 +137,7 @@ class _ExtendStep:
         self.plan = plan
         self.whole_batch = whole_batch
         self.kv_pool = kv_pool
+        self.restores = []  # per re-entered row, per layer: (original cells, new cells) (continuation.rewind)
 
     def capture(self, layer, q):
         import torch
@@ -208,7 +209,7 @@ def _window_capture(pending, offset: int, chunk_lo: int, chunk_hi: int):
     return (pending, offset + lo - chunk_lo, offset + hi - chunk_lo, lo - win_start) if lo < hi else None
 
 
-def _continued_state(req, chunk_lo: int):
+def _continued_state(req, chunk_lo: int, req_to_token):
     """The compressed state this chunk continues over (a streaming session's row), or None."""
     from lava_sglang.engine.continuation import begin_turn
 
@@ -227,7 +228,7 @@ def _continued_state(req, chunk_lo: int):
     if chunk_lo < state.prompt_len:
         from lava_sglang.engine.continuation import rewind
 
-        rewind(state, chunk_lo)
+        rewind(state, chunk_lo, req_to_token)
     return state
 
 
@@ -238,16 +239,19 @@ def _prepare_extend(batch, req_to_token, n_kv_heads: int):
     from lava_sglang.engine.layout import LayoutEntry, LayoutPlan, state_mid, uncompressed_entry
     from lava_sglang.engine.replay import ReplayChunk
 
-    captures, replays, entries = [], [], []
+    captures, replays, entries, restores = [], [], [], []
     continued = False
     offset = 0
     for i, req in enumerate(batch.reqs):
         ext, pre = int(batch.extend_lens[i]), int(batch.prefix_lens[i])
         row = req.kv.req_pool_idx
         chunk_lo, chunk_hi = pre, pre + ext
-        state = _continued_state(req, chunk_lo) if row is not None else None
+        state = _continued_state(req, chunk_lo, req_to_token) if row is not None else None
         if state is not None:
             continued = True
+            if state.restore is not None:
+                restores.append(state.restore)
+                state.restore = None
             entries.append(LayoutEntry(state.row, state.prefix_len, state.prompt_len, chunk_hi, ext, offset, state_mid(state)))
             if state.reselect is not None:
                 cap = _window_capture(state.reselect, offset, chunk_lo, chunk_hi)
@@ -284,7 +288,9 @@ def _prepare_extend(batch, req_to_token, n_kv_heads: int):
         offset += ext
     replay_entries = [e for e in (c.layout_entry(req_to_token, n_kv_heads) for c in replays) if e is not None]
     if continued:
-        return _ExtendStep(captures, LayoutPlan(entries + replay_entries, req_to_token, n_kv_heads), whole_batch=True)
+        step = _ExtendStep(captures, LayoutPlan(entries + replay_entries, req_to_token, n_kv_heads), whole_batch=True)
+        step.restores = restores
+        return step
     if not captures and not replay_entries and not any(r.kv.req_pool_idx is not None and
                                                         REGISTRY.pending.get(int(r.kv.req_pool_idx)) for r in batch.reqs):
         return None
@@ -444,6 +450,13 @@ def around_radix_attention_forward(original, self, q, k, v, forward_batch, *args
     if step.whole_batch:
         if save_kv_cache:
             save_kv(self, k, v, forward_batch.out_cache_loc, step.kv_pool)
+        if step.restores:
+            from lava_sglang.kernels.repack import repack_cells
+
+            k_buf, v_buf = step.kv_pool.get_key_buffer(self.layer_id), step.kv_pool.get_value_buffer(self.layer_id)
+            for restore in step.restores:
+                src, dst = restore[self.layer_id]
+                repack_cells(k_buf.view(-1, k_buf.shape[-1]), v_buf.view(-1, v_buf.shape[-1]), src, dst)
         n_tokens = q.reshape(-1, self.tp_q_head_num * self.qk_head_dim).shape[0]
         if step.plan.n_tokens != n_tokens:
             raise RuntimeError(f"lava-sglang: the layout plan covers {step.plan.n_tokens} of {n_tokens} extend tokens")
@@ -496,7 +509,15 @@ def around_release_kv_cache(original, req, tree_cache, *args, **kwargs):
     was_compressed = state is not None
     if was_compressed and state.rid == rid and _is_retraction(req):
         REGISTRY.remember_retracted(state)
-        logger.info("lava-sglang: compressed request %s retracted; its re-prefill will replay its selection", rid)
+        if state.turns > 1:
+            # SGLang frees a retracted session turn's row and prefills the whole history again; the
+            # history's keys are then computed over the full context, not over the compressed one
+            # the conversation had, so the replayed selection cannot make the output exact.
+            logger.warning("lava-sglang: continued turn %s (turn %d) retracted; its re-prefill recomputes the history "
+                           "over the full context and replays the selection: its output may differ from a run "
+                           "without retraction", rid, state.turns)
+        else:
+            logger.info("lava-sglang: compressed request %s retracted; its re-prefill will replay its selection", rid)
     kept = False
     try:
         result = original(req, tree_cache, *args, **kwargs)

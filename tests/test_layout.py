@@ -96,8 +96,9 @@ def test_one_token_extend_equals_decode():
     for lid in range(N_LAYERS):
         decode = LayoutPlan(entries, req_to_token, HKV)
         assert decode.decode_only
-        extend = LayoutPlan(entries, req_to_token, HKV)
-        extend.decode_only = False  # force the extend kernel on the same one-token entries
+        extend = LayoutPlan([LayoutEntry(e.row, e.prefix_end, e.suffix_start, e.seq_end, e.n_q, e.q_offset, e.mid)
+                             for e in reversed(entries)], req_to_token, HKV)
+        assert not extend.decode_only  # out of batch order: the extend kernel on the same one-token entries
         a = attend(layer(lid), q, decode, pool)
         b = attend(layer(lid), q, extend, pool)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

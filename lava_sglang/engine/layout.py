@@ -85,6 +85,10 @@ class LayoutPlan:
             req_to_token, rows, [e.suffix_start for e in entries], [e.seq_end for e in entries])
         n_q = [e.n_q for e in entries]
         self.decode_only = all(n == 1 for n in n_q) and [e.q_offset for e in entries] == list(range(len(entries)))
+        self._layers: dict = {}
+        if self.decode_only:  # the decode kernel reads q as it is: no query index (hot path: every decode step)
+            self.n_tokens = len(entries)
+            return
         # pair-major query rows: pair (e, h) reads tokens q_offset(e) .. + n_q(e) - 1 of head group h
         pair_q = torch.tensor([n for n in n_q for _ in range(H)], dtype=torch.long)
         self.qo_indptr = torch.zeros(len(entries) * H + 1, dtype=torch.int32)
@@ -99,7 +103,6 @@ class LayoutPlan:
         self.n_tokens = base
         self.token_rows = (torch.cat(tokens) if tokens else torch.zeros(0, dtype=torch.long)).to(device)
         self.pair_rows = (torch.cat(pair_rows) if pair_rows else torch.zeros(0, dtype=torch.long)).to(device)
-        self._layers: dict = {}
 
     def indices(self, layer_id: int):
         built = self._layers.get(layer_id)

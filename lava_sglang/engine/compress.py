@@ -3,27 +3,21 @@
 Reads each layer's keys and values of the request from the pool (one layer at a time),
 scores them with the configured policy against the captured window queries, selects what
 each (layer, KV head) keeps, packs the kept vectors of every layer into the request's first
-``K`` private slots (the flat single-head view, DESIGN.md section 5) and returns the rest of
+``K`` private slots (exact packing across layers, ``engine.cells``) and returns the rest of
 the private slots to the allocator at once.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Optional
 
 import torch
 
+from lava_sglang.engine.cells import CellSpace, pool_cells
 from lava_sglang.engine.state import CompressedRequest, PendingRequest
 from lava_sglang.kernels.repack import repack_cells
 from lava_sglang.policies import get_policy
-
-
-def packed_targets(target_slots: torch.Tensor, n_cells: int, n_kv_heads: int) -> torch.Tensor:
-    """Cell ids of the first ``n_cells`` cells of the flat view over ``target_slots``."""
-    j = torch.arange(n_cells, device=target_slots.device)
-    return target_slots[j // n_kv_heads] * n_kv_heads + (j % n_kv_heads)
 
 
 def select_cells(pending: PendingRequest, row_slots: torch.Tensor, kv_pool):
@@ -40,24 +34,26 @@ def select_cells(pending: PendingRequest, row_slots: torch.Tensor, kv_pool):
 
 
 def pack_and_free(sources: list, owned_slots: torch.Tensor, req_to_token: torch.Tensor, row: int, prefix_len: int,
-                  kv_pool, allocator, end: int) -> tuple[int, list, int]:
+                  space: CellSpace, allocator, end: int) -> tuple[int, list, int]:
     """Pack every layer's kept cells into the first ``K`` of ``owned_slots`` and free the rest.
 
     ``sources[l]``: the cell ids (head-major, as the layout reads them) layer ``l`` keeps, all
-    inside ``owned_slots``' cells; ``K = max_l ceil(len(sources[l]) / Hkv)``. Afterwards the row
-    reads ``row[P:P+K] = owned_slots[:K]`` and ``row[P+K:end] = 0``; ``owned_slots[K:]`` went back
-    to the allocator. Gathers everything of a layer before it scatters (``repack_cells``).
+    inside the cells of ``owned_slots`` (any layer's). Exact packing (``engine.cells``): the
+    cells of all layers fill ``K = ceil(sum_l len(sources[l]) / (n_layers * Hkv))`` slots, every
+    layer's part of each; a layer with more than its share of cells spills into the other
+    layers' parts. Afterwards the row reads ``row[P:P+K] = owned_slots[:K]`` and
+    ``row[P+K:end] = 0``; ``owned_slots[K:]`` went back to the allocator. Every kept vector is
+    gathered before any is written (one ``repack_cells`` over all layers), so a target cell that
+    is another layer's source is read first.
     Returns ``(K, packed cell ids per layer, slots freed)``.
     """
-    n_kv_heads = kv_pool.get_key_buffer(0).shape[1]
-    kept_slots = max(math.ceil(int(src.numel()) / n_kv_heads) for src in sources)
+    counts = [int(src.numel()) for src in sources]
+    kept_slots = space.slots_for(sum(counts))
     target_slots = owned_slots[:kept_slots]
-    mid_cells = []
-    for layer, src in enumerate(sources):
-        dst = packed_targets(target_slots, src.numel(), n_kv_heads)
-        k_buf, v_buf = kv_pool.get_key_buffer(layer), kv_pool.get_value_buffer(layer)
-        repack_cells(k_buf.view(-1, k_buf.shape[-1]), v_buf.view(-1, v_buf.shape[-1]), src, dst)
-        mid_cells.append(dst)
+    dst = space.packed(target_slots, sum(counts))
+    if dst.numel():
+        repack_cells(space.k_flat, space.v_flat, torch.cat(sources).to(dst.device), dst)
+    mid_cells = list(torch.split(dst, counts))
     freed = owned_slots[kept_slots:].clone()
     req_to_token[row, prefix_len:prefix_len + kept_slots] = target_slots.to(req_to_token.dtype)
     req_to_token[row, prefix_len + kept_slots:end] = 0
@@ -103,12 +99,13 @@ def compress_request(pending: PendingRequest, req_to_token: torch.Tensor, kv_poo
     keep = pending.replay.keep if pending.replay is not None else select_cells(pending, row_slots, kv_pool)
     if keep is None:
         return None
-    n_kv_heads = kv_pool.get_key_buffer(0).shape[1]
-    cells_per_layer = [sum(int(t.numel()) for t in heads) for heads in keep]
-    if max(math.ceil(c / n_kv_heads) for c in cells_per_layer) >= L - P:
+    space = pool_cells(kv_pool)
+    n_kv_heads = space.n_kv_heads
+    if space.slots_for(sum(int(t.numel()) for heads in keep for t in heads)) >= L - P:
         return None
-    sources = [torch.cat([row_slots[heads[h]] * n_kv_heads + h for h in range(n_kv_heads)]) for heads in keep]
-    kept_slots, mid_cells, freed = pack_and_free(sources, row_slots[P:L], req_to_token, row, P, kv_pool, allocator, L)
+    sources = [torch.cat([space.cells(layer, row_slots[heads[h]], h) for h in range(n_kv_heads)])
+               for layer, heads in enumerate(keep)]
+    kept_slots, mid_cells, freed = pack_and_free(sources, row_slots[P:L], req_to_token, row, P, space, allocator, L)
     mid_lens = [[int(t.numel()) for t in heads] for heads in keep]
     report = make_report(cfg, keep, L - P, L, P, kept_slots, freed, time.perf_counter() - started, prefill_seconds,
                          n_kv_heads)

@@ -59,7 +59,7 @@ def begin_turn(state: CompressedRequest, req, config, turn_end: int, chunk_lo: i
                                         prompt_len=turn_end)
 
 
-def rewind(state: CompressedRequest, chunk_lo: int, req_to_token: torch.Tensor) -> None:
+def rewind(state: CompressedRequest, chunk_lo: int, req_to_token: torch.Tensor, space) -> None:
     """SGLang extends a row again from ``chunk_lo < L``: a retracted turn re-enters with one
     token held back for its logits (``streaming_session.try_match_prefix``: "committed_len can
     exceed len(token_ids) by 1"), and recomputes the last token(s) of the compressed range.
@@ -75,7 +75,6 @@ def rewind(state: CompressedRequest, chunk_lo: int, req_to_token: torch.Tensor) 
         raise RuntimeError(f"lava-sglang: request {state.rid} extends row {state.row} from {chunk_lo}, inside its "
                            f"compressed range [{P}, {L}) (kept slots end at {P + K}, window starts at {L - w}); "
                            "streaming sessions are append-only")
-    H = len(state.keep[0])
     new_slots = req_to_token[state.row, chunk_lo:L].to(torch.long)
     mid_cells, mid_lens, keep, restore = [], [], [], []
     for layer in range(len(state.mid_cells)):
@@ -86,7 +85,7 @@ def rewind(state: CompressedRequest, chunk_lo: int, req_to_token: torch.Tensor) 
             kept_l.append(positions[mask])
             cells_l.append(cells[h][mask.to(cells[h].device)])
             src.append(cells[h][(~mask).to(cells[h].device)])  # positions chunk_lo .. L-1, in order
-            dst.append(new_slots * H + h)
+            dst.append(space.cells(layer, new_slots, h))
         restore.append((torch.cat(src), torch.cat(dst)))
         mid_cells.append(torch.cat(cells_l))
         mid_lens.append([int(t.numel()) for t in kept_l])
@@ -110,6 +109,7 @@ def reselect(state: CompressedRequest, req_to_token: torch.Tensor, kv_pool, allo
     """Re-select the history of ``state`` with the captured window of its running turn and
     repack it (module docstring, step 3). Returns the turn's report, or None when everything
     fits in the budget (the layout then stays as it is)."""
+    from lava_sglang.engine.cells import pool_cells
     from lava_sglang.engine.compress import make_report, pack_and_free
     from lava_sglang.policies import get_policy
 
@@ -118,7 +118,9 @@ def reselect(state: CompressedRequest, req_to_token: torch.Tensor, kv_pool, allo
     cfg, row, P, L, end = pend.config, state.row, state.prefix_len, state.prompt_len, pend.prompt_len
     w = cfg.window
     policy = get_policy(cfg.policy)
-    H = int(kv_pool.get_key_buffer(0).shape[1])
+    space = pool_cells(kv_pool)
+    H = space.n_kv_heads
+    k_flat, v_flat = space.k_flat, space.v_flat
     slots = req_to_token[row].to(torch.long)
     prefix_slots, appended = slots[:P], slots[L:end]
     A = end - L
@@ -128,16 +130,14 @@ def reselect(state: CompressedRequest, req_to_token: torch.Tensor, kv_pool, allo
     heads = []  # per layer, per head: its kept cells
     scores = []
     for layer in range(n_layers):
-        k_buf, v_buf = kv_pool.get_key_buffer(layer), kv_pool.get_value_buffer(layer)
-        k_flat, v_flat = k_buf.view(-1, k_buf.shape[-1]), v_buf.view(-1, v_buf.shape[-1])
         q = pend.queries[layer]
         g = q.shape[1] // H
         mids = list(torch.split(state.mid_cells[layer], m[layer].tolist()))
         heads.append(mids)
         rows = torch.zeros((H, n_max), dtype=torch.float32, device=q.device)
         for h in range(H):
-            s = _head_scores(policy, cfg, q[:, h * g:(h + 1) * g], k_flat, v_flat, prefix_slots * H + h, mids[h],
-                             appended * H + h, P)
+            s = _head_scores(policy, cfg, q[:, h * g:(h + 1) * g], k_flat, v_flat, space.cells(layer, prefix_slots, h),
+                             mids[h], space.cells(layer, appended, h), P)
             rows[h, :s.numel()] = s  # a head with fewer candidates is padded with zeros, dropped below
         scores.append(rows)
     sel = policy.select(cfg, scores, P, P + n_max + w)
@@ -151,7 +151,7 @@ def reselect(state: CompressedRequest, req_to_token: torch.Tensor, kv_pool, allo
             pos = sel.keep[layer][h].to(torch.long) - P
             old = pos[pos < m_h]
             new = torch.cat([pos[(pos >= m_h) & (pos < m_h + A - w)] - m_h, pos[pos >= n_max] - n_max + A - w])
-            src_l.append(torch.cat([heads[layer][h][old], appended[new] * H + h]))
+            src_l.append(torch.cat([heads[layer][h][old], space.cells(layer, appended[new], h)]))
             keep_l.append(torch.cat([state.keep[layer][h][old.cpu()], (L + new).cpu()]))
             lens_l.append(int(old.numel() + new.numel()))
             dropped += m_h - int(old.numel())
@@ -160,7 +160,7 @@ def reselect(state: CompressedRequest, req_to_token: torch.Tensor, kv_pool, allo
         lens.append(lens_l)
     owned = torch.cat([slots[P:P + state.kept_slots], appended])
     earlier = int(m.sum())
-    kept_slots, mid_cells, freed = pack_and_free(sources, owned, req_to_token, row, P, kv_pool, allocator, end)
+    kept_slots, mid_cells, freed = pack_and_free(sources, owned, req_to_token, row, P, space, allocator, end)
     state.prompt_len, state.kept_slots, state.mid_cells = end, kept_slots, mid_cells
     state.mid_lens = torch.tensor(lens, dtype=torch.long)
     state.keep, state.config = keep, cfg

@@ -16,7 +16,7 @@ from lava_sglang.engine.state import Registry
 
 
 def decode_plan(registry: Registry, req_to_token: torch.Tensor, rows: list[int], seq_lens: list[int],
-                n_kv_heads: int) -> LayoutPlan:
+                space) -> LayoutPlan:
     entries = []
     for i, (row, seq_len) in enumerate(zip(rows, seq_lens)):
         state = registry.compressed_for(row)
@@ -24,7 +24,7 @@ def decode_plan(registry: Registry, req_to_token: torch.Tensor, rows: list[int],
             entries.append(uncompressed_entry(row, seq_len, 1, i))
         else:
             entries.append(LayoutEntry(row, state.prefix_len, state.prompt_len, seq_len, 1, i, state_mid(state)))
-    return LayoutPlan(entries, req_to_token, n_kv_heads)
+    return LayoutPlan(entries, req_to_token, space)
 
 
 def decode_attention(layer, q: torch.Tensor, k, v, forward_batch, save_kv_cache: bool, plan: LayoutPlan,

@@ -10,7 +10,8 @@ Flow of one compressed request (scheduler process):
 2. ``RadixAttention.forward`` (AROUND) copies the post-RoPE queries of the prompt's last ``w``
    positions, in whichever chunk they occur, layer by layer.
 3. After the forward of the chunk that completes the prompt, the request is compressed
-   (``engine.compress``): kept cells repacked, the rest of its private slots freed at once.
+   (``engine.compress``): kept cells of all layers packed into as few slots as they fill (the
+   pool is one allocation, ``engine.pool_alloc`` / ``engine.cells``), the rest freed at once.
 4. Decode batches holding a compressed request run attention through ``engine.decode``.
 5. ``BasePrefixCache.free_kv_row`` (AROUND) skips the slots already freed, and
    ``release_kv_cache`` (AROUND) drops the state: release frees exactly what the request holds.
@@ -28,6 +29,7 @@ from typing import Optional
 
 from lava_sglang.config import CompressionConfig
 from lava_sglang.engine.continuation import after_session_held_tokens, around_release_session
+from lava_sglang.engine.pool_alloc import after_create_buffers, around_create_buffers_normal
 from lava_sglang.engine.request_params import after_sampling_params_verify, resolve
 from lava_sglang.engine.state import REGISTRY, PendingRequest
 from lava_sglang.server_args_patch import config_of
@@ -45,6 +47,7 @@ INTERNAL_STATE = "sglang.srt.managers.scheduler_components.internal_state.Schedu
 
 POOL_STATS = "sglang.srt.managers.scheduler_components.pool_stats_observer.SchedulerPoolStatsObserver"
 STREAMING_SESSION = "sglang.srt.session.streaming_session.StreamingSession"
+MHA_POOL = "sglang.srt.mem_cache.memory_pool.MHATokenToKVPool"
 
 META_KEY = "kv_compression"
 
@@ -162,12 +165,13 @@ class _DecodeStep:
         self.plan_batch = None
 
     def plan_for(self, forward_batch, layer):
+        from lava_sglang.engine.cells import pool_cells
         from lava_sglang.engine.decode import decode_plan
 
         if self.plan is None or self.plan_batch is not forward_batch:
             rows = [int(r) for r in forward_batch.req_pool_indices.tolist()]
             seq_lens = [int(n) for n in forward_batch.seq_lens.tolist()]
-            self.plan = decode_plan(REGISTRY, self.req_to_token, rows, seq_lens, layer.tp_k_head_num)
+            self.plan = decode_plan(REGISTRY, self.req_to_token, rows, seq_lens, pool_cells(self.kv_pool))
             self.plan_batch = forward_batch
         return self.plan
 
@@ -209,7 +213,7 @@ def _window_capture(pending, offset: int, chunk_lo: int, chunk_hi: int):
     return (pending, offset + lo - chunk_lo, offset + hi - chunk_lo, lo - win_start) if lo < hi else None
 
 
-def _continued_state(req, chunk_lo: int, req_to_token):
+def _continued_state(req, chunk_lo: int, req_to_token, space):
     """The compressed state this chunk continues over (a streaming session's row), or None."""
     from lava_sglang.engine.continuation import begin_turn
 
@@ -228,11 +232,11 @@ def _continued_state(req, chunk_lo: int, req_to_token):
     if chunk_lo < state.prompt_len:
         from lava_sglang.engine.continuation import rewind
 
-        rewind(state, chunk_lo, req_to_token)
+        rewind(state, chunk_lo, req_to_token, space)
     return state
 
 
-def _prepare_extend(batch, req_to_token, n_kv_heads: int):
+def _prepare_extend(batch, req_to_token, space):
     """Decide, per request of an extend batch, what this forward does besides the backend:
     choose for compression, capture window queries, continue over a compressed layout, replay.
     Returns the :class:`_ExtendStep`, or None when the batch needs nothing of ours."""
@@ -246,7 +250,7 @@ def _prepare_extend(batch, req_to_token, n_kv_heads: int):
         ext, pre = int(batch.extend_lens[i]), int(batch.prefix_lens[i])
         row = req.kv.req_pool_idx
         chunk_lo, chunk_hi = pre, pre + ext
-        state = _continued_state(req, chunk_lo, req_to_token) if row is not None else None
+        state = _continued_state(req, chunk_lo, req_to_token, space) if row is not None else None
         if state is not None:
             continued = True
             if state.restore is not None:
@@ -286,15 +290,15 @@ def _prepare_extend(batch, req_to_token, n_kv_heads: int):
             if row is not None:
                 entries.append(uncompressed_entry(row, chunk_hi, ext, offset))
         offset += ext
-    replay_entries = [e for e in (c.layout_entry(req_to_token, n_kv_heads) for c in replays) if e is not None]
+    replay_entries = [e for e in (c.layout_entry(req_to_token, space) for c in replays) if e is not None]
     if continued:
-        step = _ExtendStep(captures, LayoutPlan(entries + replay_entries, req_to_token, n_kv_heads), whole_batch=True)
+        step = _ExtendStep(captures, LayoutPlan(entries + replay_entries, req_to_token, space), whole_batch=True)
         step.restores = restores
         return step
     if not captures and not replay_entries and not any(r.kv.req_pool_idx is not None and
                                                         REGISTRY.pending.get(int(r.kv.req_pool_idx)) for r in batch.reqs):
         return None
-    plan = LayoutPlan(replay_entries, req_to_token, n_kv_heads) if replay_entries else None
+    plan = LayoutPlan(replay_entries, req_to_token, space) if replay_entries else None
     return _ExtendStep(captures, plan)
 
 
@@ -419,7 +423,9 @@ def around_forward_batch_generation(original, self, batch=None, *args, **kwargs)
     if not mode.is_extend():
         return original(self, batch, *args, **kwargs)
     pool = runner.token_to_kv_pool
-    step = _prepare_extend(batch, runner.req_to_token_pool.req_to_token, int(pool.get_key_buffer(0).shape[1]))
+    from lava_sglang.engine.cells import pool_cells
+
+    step = _prepare_extend(batch, runner.req_to_token_pool.req_to_token, pool_cells(pool))
     if step is None:
         return original(self, batch, *args, **kwargs)
     step.kv_pool = pool
@@ -453,10 +459,10 @@ def around_radix_attention_forward(original, self, q, k, v, forward_batch, *args
         if step.restores:
             from lava_sglang.kernels.repack import repack_cells
 
-            k_buf, v_buf = step.kv_pool.get_key_buffer(self.layer_id), step.kv_pool.get_value_buffer(self.layer_id)
+            space = step.plan.space
             for restore in step.restores:
                 src, dst = restore[self.layer_id]
-                repack_cells(k_buf.view(-1, k_buf.shape[-1]), v_buf.view(-1, v_buf.shape[-1]), src, dst)
+                repack_cells(space.k_flat, space.v_flat, src, dst)
         n_tokens = q.reshape(-1, self.tp_q_head_num * self.qk_head_dim).shape[0]
         if step.plan.n_tokens != n_tokens:
             raise RuntimeError(f"lava-sglang: the layout plan covers {step.plan.n_tokens} of {n_tokens} extend tokens")
@@ -558,4 +564,6 @@ def hook_specs():
         (f"{SAMPLING_PARAMS}.verify", after_sampling_params_verify, "AFTER", True),
         (f"{POOL_STATS}.session_held_tokens", after_session_held_tokens, "AFTER", True),
         (f"{STREAMING_SESSION}.release_session", around_release_session, "AROUND", True),
+        (f"{MHA_POOL}._create_buffers_normal", around_create_buffers_normal, "AROUND", True),
+        (f"{MHA_POOL}._create_buffers", after_create_buffers, "AFTER", True),
     ]

@@ -5,10 +5,13 @@ What a request's row of ``req_to_token`` holds, as this module reads it (DESIGN.
 
 * ``row[0:P]``: the prefix, read by every KV head (the tree-shared prefix of a compressed
   request; the whole sequence of an uncompressed one, with ``P = L = S``);
-* ``mid(l)``: the kept cells of layer ``l``, per KV head (absolute cell ids of the flat
-  single-head view ``k_buffer[l].view(-1, D)``, head-major, with their per-head counts);
+* ``mid(l)``: the kept cells of layer ``l``, per KV head (absolute cell ids of the pool's
+  flat single-head view over all layers, ``engine.cells``: they may sit in any layer's part of
+  the slots the request owns; head-major, with their per-head counts);
 * ``row[L:S]``: the tokens appended after compression (decode tokens, a later turn's new
   tokens), read by every head; the forward's ``n_q`` queries are the last ``n_q`` of them.
+
+Prefix and appended tokens are read where SGLang wrote them: cell ``base[l] + slot * Hkv + h``.
 
 One :class:`LayoutEntry` per request (or per segment of a request's queries) in a forward.
 In layer ``l``, KV head ``h`` its queries attend to ``row[0:P]``, ``mid(l)[h]`` and
@@ -29,6 +32,7 @@ from typing import Callable, Optional
 
 import torch
 
+from lava_sglang.engine.cells import CellSpace
 from lava_sglang.kernels.decode_attention import build_pair_indices, gather_row_ranges, paged_decode_attention
 from lava_sglang.kernels.extend_attention import paged_extend_attention
 
@@ -61,12 +65,12 @@ def state_mid(state) -> MidFn:
     return lambda layer: (state.mid_cells[layer], state.mid_lens[layer])
 
 
-def positions_mid(keep: list, row_slots: torch.Tensor, n_kv_heads: int) -> MidFn:
+def positions_mid(keep: list, row_slots: torch.Tensor, space: CellSpace) -> MidFn:
     """Kept cells given as row positions (``keep[l][h]``) of a row whose slots are ``row_slots``
     (not repacked yet: the retraction replay)."""
     def mid(layer):
         heads = keep[layer]
-        cells = torch.cat([row_slots[heads[h].to(row_slots.device)] * n_kv_heads + h for h in range(n_kv_heads)])
+        cells = torch.cat([space.cells(layer, row_slots[heads[h].to(row_slots.device)], h) for h in range(len(heads))])
         return cells, torch.tensor([int(t.numel()) for t in heads], dtype=torch.long)
     return mid
 
@@ -74,9 +78,10 @@ def positions_mid(keep: list, row_slots: torch.Tensor, n_kv_heads: int) -> MidFn
 class LayoutPlan:
     """Cell lists of one forward's entries: row ranges gathered once, per-layer CSR on demand."""
 
-    def __init__(self, entries: list, req_to_token: torch.Tensor, n_kv_heads: int):
+    def __init__(self, entries: list, req_to_token: torch.Tensor, space: CellSpace):
         self.entries = entries
-        self.n_kv_heads = H = int(n_kv_heads)
+        self.space = space
+        self.n_kv_heads = H = space.n_kv_heads
         device = req_to_token.device
         rows = [e.row for e in entries]
         zeros = [0] * len(entries)
@@ -120,7 +125,7 @@ class LayoutPlan:
                 lens.append(torch.as_tensor(got[1], dtype=torch.long).cpu())
         mid = torch.cat(pieces).to(device) if pieces else torch.zeros(0, dtype=torch.long, device=device)
         built = build_pair_indices(H, self.prefix_slots, self.prefix_lens, self.suffix_slots, self.suffix_lens,
-                                   mid, torch.stack(lens).to(device))
+                                   mid, torch.stack(lens).to(device), cell_base=self.space.base[layer_id])
         self._layers[layer_id] = built
         return built
 
@@ -138,8 +143,7 @@ def attend(layer, q: torch.Tensor, plan: LayoutPlan, pool, out: Optional[torch.T
     (``[T, Hq * Dv]``; a new tensor of ``T = plan.n_tokens`` rows when None)."""
     Hq, Hkv, D, Dv = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim, layer.v_head_dim
     g = Hq // Hkv
-    k_flat = pool.get_key_buffer(layer.layer_id).view(-1, D)
-    v_flat = pool.get_value_buffer(layer.layer_id).view(-1, Dv)
+    k_flat, v_flat = plan.space.k_flat, plan.space.v_flat
     pairs = plan.indices(layer.layer_id)
     q3 = q.reshape(-1, Hq, D)
     if out is None:

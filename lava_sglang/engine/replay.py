@@ -38,7 +38,7 @@ class ReplayChunk:
     chunk_lo: int  # row position of that first token
     chunk_hi: int  # one past the row position of its last token
 
-    def layout_entry(self, req_to_token: torch.Tensor, n_kv_heads: int) -> Optional[LayoutEntry]:
+    def layout_entry(self, req_to_token: torch.Tensor, space) -> Optional[LayoutEntry]:
         """The generated-token queries of this chunk over their decode-time layout (None: none here)."""
         p = self.pending
         P, L = p.prefix_len, p.prompt_len
@@ -47,4 +47,4 @@ class ReplayChunk:
             return None
         row_slots = req_to_token[p.row, :L].to(torch.long)
         return LayoutEntry(p.row, P, L, self.chunk_hi, self.chunk_hi - lo, self.token_offset + lo - self.chunk_lo,
-                           positions_mid(p.replay.keep, row_slots, n_kv_heads))
+                           positions_mid(p.replay.keep, row_slots, space))

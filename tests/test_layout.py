@@ -247,3 +247,41 @@ def test_rewind_reads_the_recomputed_last_token_instead_of_its_kept_cell():
         assert torch.equal(src, torch.stack([o[-1] for o in old])) and dst.tolist() == [space.base[l] + 399 * HKV + h for h in range(HKV)]
     with pytest.raises(RuntimeError, match="append-only"):
         rewind(state, P, req_to_token, space)
+
+
+def test_all_layers_in_one_build_equal_one_build_per_layer(monkeypatch):
+    import lava_sglang.engine.layout as LY
+    from lava_sglang.kernels.decode_attention import build_pair_indices
+
+    pool, req_to_token, state, _, _ = compressed_row(extra=5)
+    space = pool_cells(pool)
+    req_to_token[1, :30] = torch.arange(300, 330, dtype=torch.int32)
+    entries = [uncompressed_entry(1, 30, 1, 0),
+               LayoutEntry(state.row, state.prefix_len, state.prompt_len, state.prompt_len + 5, 1, 1, state_mid(state))]
+    together = LayoutPlan(entries, req_to_token, space)
+    monkeypatch.setattr(LY, "ALL_LAYERS_MAX", 0)
+    apart = LayoutPlan(entries, req_to_token, space)
+    for lid in range(N_LAYERS):
+        a, b = together.indices(lid), apart.indices(lid)
+        assert torch.equal(a.kv_indptr, b.kv_indptr) and torch.equal(a.kv_indices, b.kv_indices)
+        lens = torch.stack([torch.zeros(HKV, dtype=torch.long), state.mid_lens[lid]])
+        direct = build_pair_indices(HKV, together.prefix_slots, together.prefix_lens, together.suffix_slots,
+                                    together.suffix_lens, state.mid_cells[lid], lens, cell_base=space.base[lid])
+        assert torch.equal(a.kv_indices, direct.kv_indices) and torch.equal(a.kv_indptr, direct.kv_indptr)
+
+
+def test_kept_cells_are_reused_across_decode_steps_until_the_state_changes():
+    from lava_sglang.engine.layout import kept_pieces
+
+    pool, req_to_token, state, alloc, _ = compressed_row(extra=40)
+    entries = lambda S: [LayoutEntry(state.row, state.prefix_len, state.prompt_len, S, 1, 0, state_mid(state))]
+    mid1, lens1 = kept_pieces(entries(state.prompt_len + 1), N_LAYERS, HKV, "cpu")
+    mid2, lens2 = kept_pieces(entries(state.prompt_len + 2), N_LAYERS, HKV, "cpu")  # the next step
+    assert mid2 is mid1 and lens2 is lens1
+    assert torch.equal(mid1, torch.cat(state.mid_cells)) and torch.equal(lens1[:, 0], state.mid_lens)
+    end = state.prompt_len + 40  # a re-selection replaces the state's cells: rebuilt
+    state.reselect = PendingRequest(rid="b", row=state.row, config=state.config, prefix_len=state.prefix_len, prompt_len=end)
+    state.reselect.queries = [torch.randn(state.config.window, HQ, D) for _ in range(N_LAYERS)]
+    assert reselect(state, req_to_token, pool, alloc) is not None
+    mid3, lens3 = kept_pieces(entries(end + 1), N_LAYERS, HKV, "cpu")
+    assert mid3 is not mid1 and torch.equal(mid3, torch.cat(state.mid_cells)) and torch.equal(lens3[:, 0], state.mid_lens)

@@ -33,7 +33,12 @@ from typing import Callable, Optional
 import torch
 
 from lava_sglang.engine.cells import CellSpace
-from lava_sglang.kernels.decode_attention import build_pair_indices, gather_row_ranges, paged_decode_attention
+from lava_sglang.kernels.decode_attention import (
+    PairIndices,
+    build_pair_indices,
+    gather_row_ranges,
+    paged_decode_attention,
+)
 from lava_sglang.kernels.extend_attention import paged_extend_attention
 
 # layer id -> (cells [sum(lens)] int64 head-major, lens [Hkv] int64), or None: no kept cells
@@ -61,8 +66,13 @@ def uncompressed_entry(row: int, seq_end: int, n_q: int, q_offset: int) -> Layou
 
 
 def state_mid(state) -> MidFn:
-    """The kept cells of a :class:`~lava_sglang.engine.state.CompressedRequest`."""
-    return lambda layer: (state.mid_cells[layer], state.mid_lens[layer])
+    """The kept cells of a :class:`~lava_sglang.engine.state.CompressedRequest`. Its ``key``
+    (the state's cell lists, replaced whenever compression, re-selection or a rewind changes
+    them) lets a plan reuse the gathered cells of the previous decode step."""
+    def mid(layer):
+        return state.mid_cells[layer], state.mid_lens[layer]
+    mid.key = (state.mid_cells, state.mid_lens)
+    return mid
 
 
 def positions_mid(keep: list, row_slots: torch.Tensor, space: CellSpace) -> MidFn:
@@ -110,24 +120,69 @@ class LayoutPlan:
         self.pair_rows = (torch.cat(pair_rows) if pair_rows else torch.zeros(0, dtype=torch.long)).to(device)
 
     def indices(self, layer_id: int):
+        """Layer ``layer_id``'s CSR. The first call builds every layer's at once (one vectorized
+        build, one "request" per (layer, request); prefix and appended cells differ between
+        layers only by the layer's cell base) unless that would hold more than
+        ``ALL_LAYERS_MAX`` indices; then each layer is built when asked for."""
         built = self._layers.get(layer_id)
         if built is not None:
             return built
-        H = self.n_kv_heads
+        R, H, n_layers = len(self.entries), self.n_kv_heads, self.space.n_layers
+        mid, lens = kept_pieces(self.entries, n_layers, H, self.prefix_slots.device)
+        per_layer = H * int(self.prefix_lens.sum() + self.suffix_lens.sum()) + mid.numel() // max(1, n_layers)
+        if R == 0 or per_layer * n_layers > ALL_LAYERS_MAX:
+            lo = int(lens[:layer_id].sum())
+            built = build_pair_indices(H, self.prefix_slots, self.prefix_lens, self.suffix_slots, self.suffix_lens,
+                                       mid[lo:lo + int(lens[layer_id].sum())], lens[layer_id],
+                                       cell_base=self.space.base[layer_id])
+            self._layers[layer_id] = built
+            return built
         device = self.prefix_slots.device
-        pieces, lens = [], []
-        for e in self.entries:
-            got = e.mid(layer_id) if e.mid is not None else None
-            if got is None:
-                lens.append(torch.zeros(H, dtype=torch.long))
-            else:
+        big = build_pair_indices(H, self.prefix_slots.repeat(n_layers), self.prefix_lens.repeat(n_layers),
+                                 self.suffix_slots.repeat(n_layers), self.suffix_lens.repeat(n_layers), mid,
+                                 lens.reshape(n_layers * R, H),
+                                 cell_base=self.space.base_t.to(device).repeat_interleave(R))
+        n = R * H
+        bounds = big.kv_indptr[::n].tolist()  # each layer's first index (one host sync)
+        for l in range(n_layers):
+            self._layers[l] = PairIndices(big.kv_indptr[l * n:(l + 1) * n + 1] - bounds[l],
+                                          big.kv_indices[bounds[l]:bounds[l + 1]])
+        return self._layers[layer_id]
+
+
+# Above this many indices for all layers together, a plan builds each layer's lists on its own.
+# GPU (never run there): the all-layer build costs one host sync per forward (the layer
+# bounds); the Triton kernels take the CSR as it is, while the FlashInfer glue plans once per
+# layer per step: each layer's lists differ (its own kept cells), so that plan is unavoidable.
+ALL_LAYERS_MAX = 1 << 22
+# The kept cells of the last batch of keyed entries: (keys, rows, mid cells, lens).
+_KEPT_CACHE: list = []
+
+
+def kept_pieces(entries: list, n_layers: int, H: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every layer's kept cells of ``entries``, layer-major then entry-major then head-major, and
+    their counts ``[n_layers, R, H]``. A decode batch of the same requests over unchanged states
+    (the usual next step) gets the previous step's tensors back: no per-layer Python work."""
+    keys = tuple(getattr(e.mid, "key", None) if e.mid is not None else () for e in entries)
+    rows = tuple(e.row for e in entries)
+    if all(k is not None for k in keys) and _KEPT_CACHE:
+        old_keys, old_rows, mid, lens = _KEPT_CACHE
+        if old_rows == rows and len(old_keys) == len(keys) and all(
+                len(a) == len(b) and all(x is y for x, y in zip(a, b)) for a, b in zip(old_keys, keys)):
+            return mid, lens
+    pieces, lens = [], torch.zeros((n_layers, len(entries), H), dtype=torch.long)
+    for l in range(n_layers):
+        for r, e in enumerate(entries):
+            got = e.mid(l) if e.mid is not None else None
+            if got is not None:
                 pieces.append(got[0])
-                lens.append(torch.as_tensor(got[1], dtype=torch.long).cpu())
-        mid = torch.cat(pieces).to(device) if pieces else torch.zeros(0, dtype=torch.long, device=device)
-        built = build_pair_indices(H, self.prefix_slots, self.prefix_lens, self.suffix_slots, self.suffix_lens,
-                                   mid, torch.stack(lens).to(device), cell_base=self.space.base[layer_id])
-        self._layers[layer_id] = built
-        return built
+                lens[l, r] = torch.as_tensor(got[1], dtype=torch.long).cpu()
+    mid = torch.cat(pieces).to(device) if pieces else torch.zeros(0, dtype=torch.long, device=device)
+    lens = lens.to(device)
+    _KEPT_CACHE.clear()
+    if all(k is not None for k in keys):
+        _KEPT_CACHE.extend((keys, rows, mid, lens))
+    return mid, lens
 
 
 def save_kv(layer, k, v, out_cache_loc, pool) -> None:

@@ -117,7 +117,7 @@ def build_pair_indices(
     mid_lens: Tensor | None = None,
     *,
     index_dtype: torch.dtype = torch.int64,
-    cell_base: int = 0,
+    cell_base: int | Tensor = 0,
 ) -> PairIndices:
     """CSR cell lists of a batch of ``R`` requests x ``Hkv`` KV heads (one layer). Vectorized.
 
@@ -125,7 +125,8 @@ def build_pair_indices(
       every head before the compressed cells (the shared prefix ``row[0:P]``; for an
       uncompressed request the whole ``row[0:S]``). Cell = ``cell_base + slot * Hkv + h``
       (``cell_base``: the layer's first cell in a flat view over all layers, ``engine.cells``;
-      0 for a view of the layer's own buffer).
+      0 for a view of the layer's own buffer; a ``[R]`` tensor gives each request its own, so
+      one call can build the lists of several layers, one "request" per (layer, request)).
     * ``mid_cells [sum(mid_lens)]``, ``mid_lens [R, Hkv]``: the compressed cells of each
       (request, head) of this layer, already absolute cell ids, concatenated request-major
       then head-major. ``None`` = no compressed cells in the batch.
@@ -149,6 +150,9 @@ def build_pair_indices(
     mid_lens = _as_long(mid_lens, device).reshape(R, H)
 
     head = torch.arange(H, device=device)
+    per_request_base = isinstance(cell_base, Tensor)
+    if per_request_base:
+        cell_base = _as_long(cell_base, device)
     pair_lens = prefix_lens[:, None] + mid_lens + suffix_lens[:, None]  # [R, H]
     flat_lens = pair_lens.reshape(-1)
     indptr = torch.zeros(R * H + 1, dtype=torch.long, device=device)
@@ -161,7 +165,8 @@ def build_pair_indices(
     if prefix_slots.numel():
         r, j = _segment_ids(prefix_lens, prefix_slots.numel())
         dest = starts[r] + j[:, None]
-        indices.index_copy_(0, dest.reshape(-1), (prefix_slots.to(torch.long)[:, None] * H + head + cell_base).reshape(-1).to(index_dtype))
+        base = cell_base[r, None] if per_request_base else cell_base
+        indices.index_copy_(0, dest.reshape(-1), (prefix_slots.to(torch.long)[:, None] * H + head + base).reshape(-1).to(index_dtype))
     # compressed cells, per (request, head)
     if mid_cells is not None and mid_cells.numel():
         p, j = _segment_ids(mid_lens.reshape(-1), mid_cells.numel())
@@ -171,7 +176,8 @@ def build_pair_indices(
     if suffix_slots is not None and suffix_slots.numel():
         r, j = _segment_ids(suffix_lens, suffix_slots.numel())
         dest = starts[r] + prefix_lens[r, None] + mid_lens[r] + j[:, None]
-        indices.index_copy_(0, dest.reshape(-1), (suffix_slots.to(torch.long)[:, None] * H + head + cell_base).reshape(-1).to(index_dtype))
+        base = cell_base[r, None] if per_request_base else cell_base
+        indices.index_copy_(0, dest.reshape(-1), (suffix_slots.to(torch.long)[:, None] * H + head + base).reshape(-1).to(index_dtype))
     return PairIndices(indptr.to(torch.int32), indices)
 
 

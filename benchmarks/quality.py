@@ -16,7 +16,8 @@ is still missing (e.g. the reference check) and writes one result.
 Writes, under ``--out``: ``quality.json`` (every sample's output and score -- fidelity samples with their match and KL but
 not the per-step top-k logprobs --, aggregates, the
 command, sample counts and timings), ``quality.md`` (tables), ``quality.png`` (mean accuracy
-and fidelity vs budget, one line per policy) and ``quality_tasks.png`` (one panel per task).
+and fidelity vs budget, one line per policy), ``quality_tasks.png`` (one panel per task) and
+``quality_memory.png`` (accuracy, fidelity and KL vs the mean KV slots held).
 ``quality_full.json.gz`` is the same with the logprobs: what ``--resume`` and ``--merge`` read (not
 committed: it is large).
 
@@ -326,6 +327,49 @@ def slots_held(rec: dict) -> Optional[int]:
     return report.get("slots_held") if report else rec.get("prompt_tokens")
 
 
+def model_cells_per_slot() -> int:
+    """``n_layers * n_kv_heads`` of the default model (from its ``config.json``)."""
+    from lava_sglang.models import default_model_path
+
+    config = json.loads((default_model_path() / "config.json").read_text())
+    return config["num_hidden_layers"] * config["num_key_value_heads"]
+
+
+def exact_slots_held(rec: dict) -> Optional[int]:
+    """KV slots the request holds under exact packing across layers (the engine since
+    ``engine/cells.py``): ``shared_prefix_tokens + ceil(kept_cells / (n_layers * n_kv_heads))``;
+    files recorded before it held ``max_l ceil(kept_cells_l / Hkv)`` private slots (:func:`slots_held`).
+    ``n_layers * n_kv_heads`` is the report's ``private_cells / compressed_tokens`` (else the default
+    model's). A prompt that was not compressed: :func:`slots_held`; a report without ``kept_cells``: None."""
+    report = rec.get("kv_compression")
+    if not report:
+        return slots_held(rec)
+    if report.get("kept_cells") is None:
+        return None
+    per_slot = (report["private_cells"] // report["compressed_tokens"] if report.get("private_cells")
+                and report.get("compressed_tokens") else model_cells_per_slot())
+    return report.get("shared_prefix_tokens", 0) + -(-report["kept_cells"] // per_slot)
+
+
+def memory_rows(result: dict, length: int, protocol: str = "query-aware") -> list[dict]:
+    """Per policy and budget (``none`` once, budget None): tasks mean %, fidelity %, KL and the mean
+    slots held, recorded (:func:`slots_held`) and under exact packing (:func:`exact_slots_held`; None
+    when a record has no ``kept_cells``)."""
+    rows = []
+    for p in result["config"]["policies"]:
+        for b in [None] if p == "none" else result["config"]["budgets"]:
+            run = result["runs"].get(run_key(p, b, protocol))
+            recs = [r for r in (run or {}).get("records", []) if r["n_tokens"] == length]
+            if not recs:
+                continue
+            held, exact = [slots_held(r) for r in recs], [exact_slots_held(r) for r in recs]
+            acc, tm, kl = summary_row(run["summary"].get(str(length)))
+            rows.append({"policy": p, "budget": b, "accuracy": acc, "token_match": tm, "kl": kl,
+                         "slots_held": sum(held) / len(held) if None not in held else None,
+                         "exact_slots_held": sum(exact) / len(exact) if None not in exact else None})
+    return rows
+
+
 def same_outputs(a: list[dict], b: list[dict]) -> dict:
     """How often two runs produced the same greedy token ids on the same prompts."""
     bi = {(r["task"], r["seed"], r["n_tokens"]): r for r in b}
@@ -503,6 +547,32 @@ def _protocol_lines(result: dict, length: int) -> list[str]:
     return lines
 
 
+def _memory_lines(result: dict, length: int, protocol: str = "query-aware") -> list[str]:
+    """Quality against the mean KV slots a request held (:func:`memory_rows`), one row per policy and budget."""
+    rows = memory_rows(result, length, protocol)
+    if not rows:
+        return []
+    fmt = lambda v, f: "-" if v is None or math.isnan(v) else f.format(v)  # noqa: E731
+    lines = [f"## Quality per KV memory, {length}-token prompts" + (f", {protocol}" if protocol != "query-aware" else ""),
+             "", "`slots held, recorded`: mean KV slots of a request's row once compressed, as the engine packed them "
+             "when the run was recorded (before exact packing across layers a request held `max_l ceil(cells_l / "
+             "Hkv)` private slots, so the dynamic-layer-budget policies, pyramidkv and lava, held more than uniform "
+             "ones at the same budget); `exact packing`: `shared_prefix_tokens + ceil(kept_cells / (n_layers x "
+             "n_kv_heads))` from each record's compression report, what the engine holds now. A prompt that was not "
+             "compressed counts its length in both. `tasks mean` / fidelity % / KL as in the summary; plot: "
+             "`quality_memory.png`.", ""]
+    if any(r["exact_slots_held"] is None for r in rows):
+        lines += ["Some records keep no `kept_cells` in their compression report: their exact-packing cell is `-` "
+                  "(recorded slots only).", ""]
+    lines += ["| policy | budget | tasks mean | fidelity % | KL | slots held, recorded | slots held, exact packing |",
+              "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {'none (full cache)' if r['policy'] == 'none' else r['policy']} | {r['budget'] or '-'} | "
+                     f"{fmt(r['accuracy'], '{:.0f}')} | {fmt(r['token_match'], '{:.0f}')} | {fmt(r['kl'], '{:.3f}')} | "
+                     f"{fmt(r['slots_held'], '{:.1f}')} | {fmt(r['exact_slots_held'], '{:.1f}')} |")
+    return lines + [""]
+
+
 FULL_RESULT = "quality_full.json.gz"
 
 
@@ -630,6 +700,9 @@ def write_markdown(result: dict, path: Path) -> None:
             lines.append(f"| {row['length']} | {row['budget'] or '-'} | {row['label']} | " + " | ".join(cells)
                          + f" | {_cell(row['summary'], 'mean')} | {row['same_ids']} |")
         lines.append("")
+    for length in result["config"]["lengths"]:
+        for protocol in protocols:
+            lines += _memory_lines(result, length, protocol)
     t = result["timings"]
     total = sum(t["runs"].values()) if result["config"].get("merged_from") else t["total_s"]
     lines += ["## Timings", "", f"Total {total:.0f} s" + (" (sum of the merged runs)" if result["config"].get("merged_from") else "")
@@ -752,7 +825,63 @@ def write_plots(result: dict, out_dir: Path) -> list[Path]:
     fig.savefig(p, dpi=110)
     plt.close(fig)
     paths.append(p)
+    paths.append(write_memory_plot(result, out_dir))
     return paths
+
+
+def write_memory_plot(result: dict, out_dir: Path) -> Path:
+    """``quality_memory.png``: tasks mean, fidelity and KL against the mean KV slots held (log x), one
+    line per policy through its budgets (:func:`memory_rows`, first length): solid at the exact-packing
+    slots, faint dotted at the slots recorded; ``none``: a star and a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    length, protocols = result["config"]["lengths"][0], result_protocols(result)
+    panels = [("accuracy", "mean accuracy over tasks (%)"), ("token_match", "fidelity: % greedy tokens = uncompressed"),
+              ("kl", "next-token KL to uncompressed (nats)")]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), squeeze=False)
+    compressed = [x for x in result["config"]["policies"] if x != "none"]
+    ticks, kls = set(result["config"]["budgets"]), []
+    for protocol in protocols:
+        rows = [r for r in memory_rows(result, length, protocol) if r["slots_held"] is not None]
+        suffix, style = (f" ({protocol})", "--") if len(protocols) > 1 and protocol != "query-aware" else ("", "-")
+        for ax, (field, ylabel) in zip(axes[0], panels):
+            for p in compressed:
+                rs = [r for r in rows if r["policy"] == p and not math.isnan(r[field])]
+                xs = [r["exact_slots_held"] if r["exact_slots_held"] is not None else r["slots_held"] for r in rs]
+                ys = [r[field] for r in rs]
+                kls += ys if field == "kl" else []
+                color = f"C{compressed.index(p)}"
+                ax.plot(xs, ys, marker="o", linestyle=style, color=color, label=p + suffix)
+                ax.plot([r["slots_held"] for r in rs], ys, marker="o", linestyle=":", color=color, alpha=0.45,
+                        markerfacecolor="none")
+            for r in rows:
+                if r["policy"] == "none":
+                    ticks.add(round(r["slots_held"]))
+                    if not math.isnan(r[field]) and (field != "kl" or r[field] > 0):  # KL 0: not on a log axis
+                        ax.axhline(r[field], linestyle="--", color="black", linewidth=0.8)
+                        ax.plot([r["slots_held"]], [r[field]], marker="*", markersize=10, color="black",
+                                linestyle="none", label="none (full cache)" + suffix)
+    for i, (ax, (_, ylabel)) in enumerate(zip(axes[0], panels)):
+        ax.set(xscale="log", xlim=(min(ticks) / 1.25, max(ticks) * 1.25), ylabel=ylabel,
+               xlabel=f"mean KV slots held per request ({length}-token prompts)")
+        ax.set_xticks(sorted(ticks), [str(t) for t in sorted(ticks)])
+        ax.minorticks_off()
+        if i < 2:
+            ax.set_ylim(-5, 105)
+        elif any(v > 0 for v in kls):
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{result['config']['model']}, {result['config']['samples']} samples/task: quality per KV memory "
+                 "(solid: slots under exact packing; faint dotted: slots recorded)", fontsize=9)
+    fig.tight_layout()
+    p = out_dir / "quality_memory.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1119,7 +1248,7 @@ def _main(argv=None) -> int:
     state["complete"] = True
     result = save()
     print((out_dir / "quality.md").read_text())
-    print(f"[quality] wrote {out_dir}/quality.json, quality.md, quality.png, quality_tasks.png "
+    print(f"[quality] wrote {out_dir}/quality.json, quality.md, quality.png, quality_tasks.png, quality_memory.png "
           f"in {result['timings']['total_s']:.0f} s", flush=True)
     return 0
 

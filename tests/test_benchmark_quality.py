@@ -51,6 +51,37 @@ def test_fidelity_metrics():
     assert f["token_match"] == 0.75 and f["first_divergence"] == 2 and f["kl_steps"] == 3
 
 
+def test_quality_per_memory(tmp_path, monkeypatch):
+    """The per-memory table: a row per (policy, budget), slots recorded and under exact packing
+    (prefix + ceil(kept_cells / (layers x heads)), from the report, else the model's layers x heads)."""
+    import benchmarks.quality as q
+
+    monkeypatch.setattr(q, "model_cells_per_slot", lambda: 90)
+    summary = {"300": {"passkey": {"n": 3, "accuracy": 50.0}, "fidelity": {"n": 3, "token_match": 40.0, "kl": 0.1},
+                       "mean": {"accuracy": 50.0}}}
+    rec = lambda report, **kw: {"task": "passkey", "seed": 0, "n_tokens": 300, "prompt_tokens": 300,  # noqa: E731
+                                "kv_compression": report, **kw}
+    result = {"config": {"policies": ["none", "lava"], "budgets": [64, 128], "lengths": [300], "samples": 3,
+                         "tasks": ["passkey", "fidelity"], "model": "m"},
+              "runs": {"none": {"summary": summary, "records": [rec(None)]},
+                       "lava@64": {"summary": summary, "records": [
+                           rec({"kept_cells": 64 * 90 + 1, "private_cells": 290 * 90, "compressed_tokens": 290,
+                                "shared_prefix_tokens": 10, "slots_held": 80}),  # 10 + 65
+                           rec({"kept_cells": 64 * 90, "private_cells": 300 * 90, "compressed_tokens": 300,
+                                "shared_prefix_tokens": 0, "slots_held": 70}),  # 64
+                           rec({"kept_cells": 180, "slots_held": 5})]},  # 0 + 2, layers x heads of the model
+                       "lava@128": {"summary": summary, "records": [rec({"slots_held": 140})]}}}  # no kept_cells
+    assert [q.exact_slots_held(r) for r in result["runs"]["lava@64"]["records"]] == [75, 64, 2]
+    lines = q._memory_lines(result, 300)
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| policy")]
+    assert rows == ["| none (full cache) | - | 50 | 40 | 0.100 | 300.0 | 300.0 |",
+                    "| lava | 64 | 50 | 40 | 0.100 | 51.7 | 47.0 |",
+                    "| lava | 128 | 50 | 40 | 0.100 | 140.0 | - |"]
+    assert lines[0] == "## Quality per KV memory, 300-token prompts"
+    assert any("keep no `kept_cells`" in line for line in lines)
+    assert q.write_memory_plot(result, tmp_path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 class _FakeServer:
     """Stands in for lava_sglang.launch.Server: canned greedy outputs, no process. Streaming
     sessions (``session_params``) keep their token count, like SGLang's."""
@@ -145,8 +176,9 @@ def test_pipeline_without_servers(tmp_path, monkeypatch, per_request):
         assert result["runs"]["snapkv-avg@64"]["custom_params"] == {"kv_policy": "snapkv", "kv_budget": 64, "kv_pooling": "avg"}
     md = (tmp_path / "quality.md").read_text()
     assert "| passkey | lava | 100 | 100 |" in md and "| 300 | 64 | kvpress snapkv |" in md
-    for png in ("quality.png", "quality_tasks.png"):
+    for png in ("quality.png", "quality_tasks.png", "quality_memory.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "## Quality per KV memory, 300-token prompts" in md
     assert q.main(["--replot", "--out", str(tmp_path)]) == 0
 
 

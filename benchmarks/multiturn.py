@@ -3,6 +3,7 @@
     python benchmarks/multiturn.py [--conversations 6] [--turns 8] [--turn-tokens 400]
         [--output-tokens 32] [--system-tokens 1000] [--max-total-tokens N]
         [--configs none lava:128] [--client session] [--quick] [--out DIR]
+    python benchmarks/multiturn.py --micro [--micro-batch 4] [--micro-history 2000] [--configs none lava:128]
 
 Every configuration gets a fresh server (same model, flags and pool) and the same workload:
 one system prompt shared by all conversations, primed once (a plain request with no output,
@@ -27,6 +28,13 @@ prompt; compressed: the slots its report says it holds beyond the shared prefix,
 answer's tokens); the peak of running requests from the scheduler's decode log. Ratios to
 ``none`` are within the run. Writes JSON, a markdown table and a PNG to
 ``benchmarks/results/multiturn/``.
+
+``--micro``: prefill and decode over a compressed layout against the full cache at equal batch.
+``--micro-batch`` streaming sessions each hold a ``--micro-history``-token first turn (system
+prompt included; compressed under a policy), then all send a ``--turn-tokens`` second turn at
+once: the extend forward over the history (the slowest TTFT of the batch, and the scheduler's
+prefill-batch line that says how many turns it batched) and the decode step time (median over
+decode batches with exactly ``--micro-batch`` running requests). Writes ``micro.json`` / ``.md``.
 """
 
 from __future__ import annotations
@@ -46,6 +54,8 @@ from lava_sglang.workloads import default_corpus_dir, haystack, load_corpus
 
 OUT = Path(__file__).resolve().parent / "results" / "multiturn"
 DECODE_LINE = re.compile(r"Decode batch, #running-req: (\d+), #token: (\d+)")
+DECODE_RATE = re.compile(r"Decode batch, #running-req: (\d+),.*?gen throughput \(token/s\): ([\d.]+)")
+PREFILL_LINE = re.compile(r"Prefill batch, #new-seq: (\d+), #new-token: (\d+), #cached-token: (\d+)")
 
 
 def build_workload(tokenizer, corpus, args) -> dict:
@@ -81,9 +91,9 @@ def one_turn(url: str, ids: list[int], output_tokens: int, session: str | None, 
             "completion_tokens": meta.get("completion_tokens"), "kv": (meta.get("kv_compression") or [None])[0]}
 
 
-def run_conversation(server, work, c: int, args, out: list, errors: list) -> None:
+def run_conversation(server, work, c: int, args, out: list, errors: list, client: str) -> None:
     system, turns = work["system"], work["conversations"][c]
-    session = server.open_session() if args.client == "session" else None
+    session = server.open_session() if client == "session" else None
     history = list(system)
     records = []
     try:
@@ -115,10 +125,20 @@ def run_conversation(server, work, c: int, args, out: list, errors: list) -> Non
     out[c] = records
 
 
-def run_config(name: str, flags: list[str], work: dict, args, model_path: str) -> dict:
+def client_config(text: str, default_client: str) -> tuple[str, list[str], str]:
+    """``none``, ``lava:128``, or either with ``@session`` / ``@resend`` (that configuration's
+    client style instead of ``--client``): (name, server flags, client)."""
+    text, _, client = text.partition("@")
+    name, flags = parse_config(text)
+    if client and client not in ("session", "resend"):
+        raise SystemExit(f"multiturn: unknown client style {client!r} in --configs (session or resend)")
+    return (f"{name}@{client}" if client else name), flags, client or default_client
+
+
+def run_config(name: str, flags: list[str], work: dict, args, model_path: str, client: str) -> dict:
     server_flags = ["--max-total-tokens", str(args.max_total_tokens), "--log-level", "info",
                     "--decode-log-interval", "1", *flags]
-    if args.client == "session":
+    if client == "session":
         server_flags.append("--enable-streaming-session")
     with Server(model_path, server_flags, startup_timeout=900) as server:
         prime = {"input_ids": work["system"], "sampling_params": {"max_new_tokens": 0}}
@@ -127,7 +147,7 @@ def run_config(name: str, flags: list[str], work: dict, args, model_path: str) -
         results = [None] * args.conversations
         errors: list = []
         started = time.perf_counter()
-        threads = [threading.Thread(target=run_conversation, args=(server, work, c, args, results, errors))
+        threads = [threading.Thread(target=run_conversation, args=(server, work, c, args, results, errors, client))
                    for c in range(args.conversations)]
         for th in threads:
             th.start()
@@ -148,20 +168,88 @@ def run_config(name: str, flags: list[str], work: dict, args, model_path: str) -
             "private_slots_mean": statistics.mean(r["private_slots"] for r in rows),
             "ttft_p50_s": pct([r["ttft_s"] for r in rows], 50), "ttft_p99_s": pct([r["ttft_s"] for r in rows], 99),
         })
-    return {"config": name, "server_flags": server_flags, "wall_s": round(wall, 2), "errors": errors,
+    return {"config": name, "client": client, "server_flags": server_flags, "wall_s": round(wall, 2), "errors": errors,
             "peak_running": max(running, default=None), "turns": per_turn, "conversations": results,
             "server_totals": {k: info.get(k) for k in ("continued_turns", "reselections", "earlier_kept_cells_dropped",
                                                         "compressed_requests")}}
 
 
-def summarize(result: dict) -> str:
+def run_micro(name: str, flags: list[str], tokenizer, corpus, args, model_path: str) -> dict:
+    """One server: B sessions with a long first turn, then B second turns at once (see --micro)."""
+    B = args.micro_batch
+    history = [tokenizer.encode(haystack(args.micro_history + 40, corpus, seed=7000 + i, tokenizer=tokenizer))[:args.micro_history]
+               for i in range(B)]
+    new = [tokenizer.encode("\nTool result:\n" + haystack(args.turn_tokens + 40, corpus, seed=7500 + i, tokenizer=tokenizer),
+                            add_special_tokens=False)[:args.turn_tokens] for i in range(B)]
+    pool = B * (args.micro_history + args.turn_tokens + args.micro_output + 64) + 512
+    server_flags = ["--max-total-tokens", str(pool), "--log-level", "info", "--decode-log-interval", "1",
+                    "--enable-streaming-session", *flags]
+    with Server(model_path, server_flags, startup_timeout=900) as server:
+        sessions = [server.open_session() for _ in range(B)]
+        first = [one_turn(server.url, history[i], 1, sessions[i], args.turn_timeout) for i in range(B)]
+        time.sleep(2.0)  # the scheduler's log lines of the first turns arrive before the mark
+        mark = len(server.log_text())
+        rows: list = [None] * B
+
+        def second(i):
+            rows[i] = one_turn(server.url, new[i], args.micro_output, sessions[i], args.turn_timeout)
+
+        started = time.perf_counter()
+        threads = [threading.Thread(target=second, args=(i,)) for i in range(B)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        wall = time.perf_counter() - started
+        log = server.log_text()[mark:]
+        for s in sessions:
+            server.close_session(s)
+    prefills = [tuple(int(x) for x in m.groups()) for m in PREFILL_LINE.finditer(log)]
+    steps = [B / float(m.group(2)) for m in DECODE_RATE.finditer(log) if int(m.group(1)) == B and float(m.group(2)) > 0]
+    kv = [(r.get("kv") or {}) for r in first]
+    return {
+        "config": name, "server_flags": server_flags, "batch": B,
+        "history_slots": [k.get("slots_held", r["prompt_tokens"]) for k, r in zip(kv, first)],
+        "turn2_prompt_tokens": [r["prompt_tokens"] for r in rows], "turn2_cached_tokens": [r["cached_tokens"] for r in rows],
+        "turn2_prefill_batches": prefills,
+        "extend_s": max(r["ttft_s"] for r in rows), "decode_step_s": statistics.median(steps) if steps else None,
+        "decode_steps_measured": len(steps), "wall_s": round(wall, 2),
+    }
+
+
+def summarize_micro(result: dict) -> str:
     runs = result["runs"]
     base = next((r for r in runs if r["config"] == "none"), None)
     a = result["args"]
-    lines = [f"# Multi-turn conversations ({a['client']} clients)", "",
+    lines = [f"# Prefill and decode over a compressed layout at equal batch", "",
+             f"{a['micro_batch']} streaming sessions, each with a {a['micro_history']}-token first turn, then "
+             f"{a['micro_batch']} second turns of {a['turn_tokens']} new tokens sent at once, {a['micro_output']} output "
+             f"tokens. Command: `{result['command']}`", "",
+             "| config | history slots / session | turn-2 prefill batches (seqs x new tokens, cached) | "
+             "extend time s (slowest TTFT) | decode step ms (batch of "
+             f"{a['micro_batch']}) |", "|---|---|---|---|---|"]
+    for r in runs:
+        ext = f"{r['extend_s']:.2f}"
+        dec = f"{r['decode_step_s'] * 1000:.1f}" if r["decode_step_s"] else "-"
+        if base is not None and r is not base:
+            ext += f" (x{r['extend_s'] / base['extend_s']:.2f})"
+            if r["decode_step_s"] and base["decode_step_s"]:
+                dec += f" (x{r['decode_step_s'] / base['decode_step_s']:.2f})"
+        batches = ", ".join(f"{n} x {t} ({c})" for n, t, c in r["turn2_prefill_batches"])
+        lines.append(f"| {r['config']} | {statistics.mean(r['history_slots']):.0f} | {batches} | {ext} | {dec} |")
+    return "\n".join(lines) + "\n"
+
+
+def summarize(result: dict) -> str:
+    runs = result["runs"]
+    base = next((r for r in runs if r["config"] == result["args"].get("baseline", "none")), None)
+    a = result["args"]
+    clients = " and ".join(sorted({r.get("client", a["client"]) for r in runs}))
+    lines = [f"# Multi-turn conversations ({clients} clients)", "",
              f"{a['conversations']} conversations x {a['turns']} turns, {a['turn_tokens']} new tokens per turn, "
              f"{a['output_tokens']} output tokens, a {a['system_tokens']}-token system prompt primed once; "
              f"KV pool {a['max_total_tokens']} tokens. Command: `{result['command']}`", "",
+             f"Ratios: to `{base['config'] if base else '-'}`.", "",
              "| config | wall s | prefilled tokens / turn (turns 2+) | private slots / conversation at the last turn | "
              "TTFT p50 / p99 s (turns 2+) | peak running | errors |",
              "|---|---|---|---|---|---|---|"]
@@ -215,7 +303,8 @@ def plot(result: dict, path: Path) -> None:
         ax.set_ylim(bottom=0)
     axes[0].legend(fontsize=8)
     a = result["args"]
-    fig.suptitle(f"{a['conversations']} conversations x {a['turns']} turns ({a['client']} clients), pool "
+    clients = " and ".join(sorted({r.get("client", a["client"]) for r in result["runs"]}))
+    fig.suptitle(f"{a['conversations']} conversations x {a['turns']} turns ({clients} clients), pool "
                  f"{a['max_total_tokens']} tokens", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -232,11 +321,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-total-tokens", type=int, default=None,
                     help="KV pool; default: the system prompt plus 3 full-cache conversations at the last turn")
     ap.add_argument("--configs", nargs="+", default=["none", "lava:128"])
-    ap.add_argument("--client", choices=["session", "resend"], default="session")
+    ap.add_argument("--client", choices=["session", "resend"], default="session",
+                    help="client style of every configuration without its own @session / @resend")
+    ap.add_argument("--baseline", default="none", help="the configuration the table's ratios are to")
     ap.add_argument("--corpus", default=None)
     ap.add_argument("--turn-timeout", type=float, default=300.0,
                     help="seconds a turn may take (a conversation that cannot be admitted is recorded as an error)")
     ap.add_argument("--quick", action="store_true", help="2 conversations x 3 turns of 150 tokens (a smoke run)")
+    ap.add_argument("--micro", action="store_true", help="prefill and decode over a compressed layout vs none at equal batch")
+    ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--micro-history", type=int, default=2000)
+    ap.add_argument("--micro-output", type=int, default=48)
     ap.add_argument("--out", default=str(OUT))
     return ap
 
@@ -253,20 +348,34 @@ def main(argv=None) -> int:
         args.max_total_tokens = args.system_tokens + 3 * args.turns * (args.turn_tokens + args.output_tokens) + 256
     model_path = str(default_model_path())
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    work = build_workload(tokenizer, load_corpus(args.corpus or default_corpus_dir()), args)
+    corpus = load_corpus(args.corpus or default_corpus_dir())
+    command = "python benchmarks/multiturn.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.micro:
+        runs = []
+        for text in args.configs:
+            name, flags = parse_config(text)
+            print(f"[multiturn] micro {name}", flush=True)
+            runs.append(run_micro(name, flags, tokenizer, corpus, args, model_path))
+        result = {"args": vars(args), "command": command, "runs": runs}
+        (out / "micro.json").write_text(json.dumps(result, indent=1))
+        md = summarize_micro(result)
+        (out / "micro.md").write_text(md)
+        print(md)
+        return 0
+    work = build_workload(tokenizer, corpus, args)
     runs = []
     for text in args.configs:
-        name, flags = parse_config(text)
-        print(f"[multiturn] {name}: {args.conversations} x {args.turns} turns ({args.client})", flush=True)
-        run = run_config(name, flags, work, args, model_path)
+        name, flags, client = client_config(text, args.client)
+        print(f"[multiturn] {name}: {args.conversations} x {args.turns} turns ({client})", flush=True)
+        run = run_config(name, flags, work, args, model_path, client)
         print(f"[multiturn] {name}: wall {run['wall_s']} s, peak running {run['peak_running']}, errors {len(run['errors'])}",
               flush=True)
         runs.append(run)
-    result = {"args": vars(args), "command": "python benchmarks/multiturn.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "runs": runs}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"multiturn_{args.client}" + ("_quick" if args.quick else "")
+    result = {"args": vars(args), "command": command, "runs": runs}
+    clients = sorted({r["client"] for r in runs})
+    stem = "multiturn_" + ("_".join(clients) if len(clients) > 1 else clients[0]) + ("_quick" if args.quick else "")
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     md = summarize(result)
     (out / f"{stem}.md").write_text(md)

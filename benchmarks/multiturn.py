@@ -91,6 +91,17 @@ def one_turn(url: str, ids: list[int], output_tokens: int, session: str | None, 
             "completion_tokens": meta.get("completion_tokens"), "kv": (meta.get("kv_compression") or [None])[0]}
 
 
+def run_all(target, n: int) -> float:
+    """``target(0) .. target(n - 1)`` at once, one thread each; the wall time until all are done."""
+    started = time.perf_counter()
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(n)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return time.perf_counter() - started
+
+
 def run_conversation(server, work, c: int, args, out: list, errors: list, client: str) -> None:
     system, turns = work["system"], work["conversations"][c]
     session = server.open_session() if client == "session" else None
@@ -146,14 +157,7 @@ def run_config(name: str, flags: list[str], work: dict, args, model_path: str, c
         log_start = len(server.log_text())
         results = [None] * args.conversations
         errors: list = []
-        started = time.perf_counter()
-        threads = [threading.Thread(target=run_conversation, args=(server, work, c, args, results, errors, client))
-                   for c in range(args.conversations)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        wall = time.perf_counter() - started
+        wall = run_all(lambda c: run_conversation(server, work, c, args, results, errors, client), args.conversations)
         log = server.log_text()[log_start:]
         info = server.server_info()["internal_states"][0].get("kv_compression", {})
     running = [int(m.group(1)) for m in DECODE_LINE.finditer(log)]
@@ -194,13 +198,7 @@ def run_micro(name: str, flags: list[str], tokenizer, corpus, args, model_path: 
         def second(i):
             rows[i] = one_turn(server.url, new[i], args.micro_output, sessions[i], args.turn_timeout)
 
-        started = time.perf_counter()
-        threads = [threading.Thread(target=second, args=(i,)) for i in range(B)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        wall = time.perf_counter() - started
+        wall = run_all(second, B)
         log = server.log_text()[mark:]
         for s in sessions:
             server.close_session(s)

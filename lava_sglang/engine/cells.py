@@ -77,7 +77,6 @@ class CellSpace:
             raise ValueError("need one K and one V buffer per layer")
         self.n_layers = len(k_buffers)
         self.n_kv_heads = int(k_buffers[0].shape[1])
-        self.slots = int(k_buffers[0].shape[0])
         self.k_flat, base_k = _flat(k_buffers, "k_buffer")
         self.v_flat, base_v = _flat(v_buffers, "v_buffer")
         if base_k != base_v:
@@ -90,11 +89,6 @@ class CellSpace:
     def cells(self, layer: int, slots: torch.Tensor, head: int) -> torch.Tensor:
         """Cells of ``slots`` in (``layer``, ``head``): where SGLang wrote those tokens."""
         return slots.to(torch.long) * self.n_kv_heads + (self.base[layer] + head)
-
-    def row_cells(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
-        """``[len(slots), Hkv]`` cells of ``slots`` in ``layer``, every head."""
-        head = torch.arange(self.n_kv_heads, device=slots.device)
-        return slots.to(torch.long)[:, None] * self.n_kv_heads + head[None, :] + self.base[layer]
 
     def slots_for(self, n_cells: int) -> int:
         """Slots that hold ``n_cells`` packed cells: every layer's part of each slot is used."""

@@ -101,6 +101,7 @@ class LayoutPlan:
         n_q = [e.n_q for e in entries]
         self.decode_only = all(n == 1 for n in n_q) and [e.q_offset for e in entries] == list(range(len(entries)))
         self._layers: dict = {}
+        self._kept = None  # (kept cells of every layer, counts [n_layers, R, H]): kept_pieces
         if self.decode_only:  # the decode kernel reads q as it is: no query index (hot path: every decode step)
             self.n_tokens = len(entries)
             return
@@ -128,7 +129,9 @@ class LayoutPlan:
         if built is not None:
             return built
         R, H, n_layers = len(self.entries), self.n_kv_heads, self.space.n_layers
-        mid, lens = kept_pieces(self.entries, n_layers, H, self.prefix_slots.device)
+        if self._kept is None:  # once per plan, whichever path builds the lists
+            self._kept = kept_pieces(self.entries, n_layers, H, self.prefix_slots.device)
+        mid, lens = self._kept
         per_layer = H * int(self.prefix_lens.sum() + self.suffix_lens.sum()) + mid.numel() // max(1, n_layers)
         if R == 0 or per_layer * n_layers > ALL_LAYERS_MAX:
             lo = int(lens[:layer_id].sum())

@@ -1,6 +1,6 @@
 """Multi-turn conversations on a fixed KV pool: S concurrent conversations of T turns.
 
-    python benchmarks/multiturn.py [--conversations 6] [--turns 8] [--turn-tokens 400]
+    python benchmarks/multiturn.py [--conversations 8] [--turns 8] [--turn-tokens 400]
         [--output-tokens 32] [--system-tokens 1000] [--max-total-tokens N]
         [--configs none lava:128] [--client session] [--quick] [--out DIR]
     python benchmarks/multiturn.py --micro [--micro-batch 4] [--micro-history 2000] [--configs none lava:128]
@@ -18,14 +18,19 @@ Client styles (``--client``):
   ``session_params``); each turn sends only its new tokens and the session keeps the KV row,
   compressed or not, from turn to turn. The server runs with ``--enable-streaming-session``.
 * ``resend``: no session; each turn sends the whole history (system prompt, earlier turns and
-  answers, the new turn). With ``none`` the radix tree serves the history; a compressed request's
-  history is never published to the tree, so it is prefilled again.
+  answers, the new turn), as OpenAI-style chat clients do. With ``none`` the radix tree serves
+  the history (while it is not evicted); a compressed request's history is never published to
+  the tree, but it is parked when the request finishes (``--kv-park``, the default) and the next
+  turn continues it, unless memory pressure evicted it (then the turn is prefilled whole).
 
 Per configuration: wall time of the whole workload; TTFT per turn (p50, p99 over the
 conversations); prefilled tokens per turn (``prompt_tokens - cached_tokens``); the private KV
 slots a conversation holds at the end of each turn (``none``: its tokens beyond the system
 prompt; compressed: the slots its report says it holds beyond the shared prefix, plus the
-answer's tokens); the peak of running requests from the scheduler's decode log. Ratios to
+answer's tokens); the peak of running requests from the scheduler's decode log; parked
+conversations' hits, misses and evictions (the server's counters); conversations resident per
+turn: those whose turn found their whole history in memory (prefilled only the new tokens and
+the previous answer's last token), and its peak over turns 2+. Ratios to
 ``none`` are within the run. Writes JSON, a markdown table and a PNG to
 ``benchmarks/results/multiturn/``.
 
@@ -124,6 +129,7 @@ def run_conversation(server, work, c: int, args, out: list, errors: list, client
             records.append({**{k: v for k, v in r.items() if k != "output_ids"}, "turn": t + 1,
                             "prefilled_tokens": r["prompt_tokens"] - r["cached_tokens"],
                             "private_slots": private, "compressed": kv is not None,
+                            "resident": t > 0 and r["prompt_tokens"] - r["cached_tokens"] <= len(new) + 1,
                             "earlier_kept_cells_dropped": (kv or {}).get("earlier_kept_cells_dropped")})
     except Exception as exc:  # recorded, never hidden: the table says which turns did not finish
         errors.append(f"conversation {c}, turn {len(records) + 1}: {type(exc).__name__}: {exc}")
@@ -171,11 +177,14 @@ def run_config(name: str, flags: list[str], work: dict, args, model_path: str, c
             "prefilled_tokens_mean": statistics.mean(r["prefilled_tokens"] for r in rows),
             "private_slots_mean": statistics.mean(r["private_slots"] for r in rows),
             "ttft_p50_s": pct([r["ttft_s"] for r in rows], 50), "ttft_p99_s": pct([r["ttft_s"] for r in rows], 99),
+            "resident": sum(1 for r in rows if r.get("resident")),
         })
     return {"config": name, "client": client, "server_flags": server_flags, "wall_s": round(wall, 2), "errors": errors,
             "peak_running": max(running, default=None), "turns": per_turn, "conversations": results,
+            "peak_resident": max((t["resident"] for t in per_turn[1:]), default=0),
             "server_totals": {k: info.get(k) for k in ("continued_turns", "reselections", "earlier_kept_cells_dropped",
-                                                        "compressed_requests")}}
+                                                        "compressed_requests", "park_hits", "park_misses",
+                                                        "park_evictions", "parked_conversations", "parked_slots")}}
 
 
 def run_micro(name: str, flags: list[str], tokenizer, corpus, args, model_path: str) -> dict:
@@ -219,7 +228,7 @@ def summarize_micro(result: dict) -> str:
     runs = result["runs"]
     base = next((r for r in runs if r["config"] == "none"), None)
     a = result["args"]
-    lines = [f"# Prefill and decode over a compressed layout at equal batch", "",
+    lines = ["# Prefill and decode over a compressed layout at equal batch", "",
              f"{a['micro_batch']} streaming sessions, each with a {a['micro_history']}-token first turn, then "
              f"{a['micro_batch']} second turns of {a['turn_tokens']} new tokens sent at once, {a['micro_output']} output "
              f"tokens. Command: `{result['command']}`", "",
@@ -249,8 +258,8 @@ def summarize(result: dict) -> str:
              f"KV pool {a['max_total_tokens']} tokens. Command: `{result['command']}`", "",
              f"Ratios: to `{base['config'] if base else '-'}`.", "",
              "| config | wall s | prefilled tokens / turn (turns 2+) | private slots / conversation at the last turn | "
-             "TTFT p50 / p99 s (turns 2+) | peak running | errors |",
-             "|---|---|---|---|---|---|---|"]
+             "TTFT p50 / p99 s (turns 2+) | peak running | peak resident | parked hits / misses / evictions | errors |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         later = r["turns"][1:] or r["turns"]
         pre = statistics.mean(t["prefilled_tokens_mean"] for t in later) if later else float("nan")
@@ -263,8 +272,15 @@ def summarize(result: dict) -> str:
             ratio = (f" (x{r['wall_s'] / base['wall_s']:.2f})", f" (x{pre / bpre:.2f})",
                      f" (x{slots / base['turns'][-1]['private_slots_mean']:.2f})")
         w, p, s = ratio if ratio else ("", "", "")
+        res = f"{r.get('peak_resident', 0)}"
+        if base is not None and r is not base and base.get("peak_resident"):
+            res += f" (x{r.get('peak_resident', 0) / base['peak_resident']:.2f})"
+        st = r.get("server_totals") or {}
+        park = (f"{st.get('park_hits')} / {st.get('park_misses')} / {st.get('park_evictions')}"
+                if st.get("park_hits") is not None else "-")
         lines.append(f"| {r['config']} | {r['wall_s']:.0f}{w} | {pre:.0f}{p} | {slots:.0f}{s} | "
-                     f"{pct(ttft, 50) or 0:.2f} / {pct(ttft, 99) or 0:.2f} | {r['peak_running']} | {len(r['errors'])} |")
+                     f"{pct(ttft, 50) or 0:.2f} / {pct(ttft, 99) or 0:.2f} | {r['peak_running']} | {res} | {park} | "
+                     f"{len(r['errors'])} |")
     lines += ["", "Per turn (prefilled tokens, private slots, TTFT p50):", "",
               "| turn | " + " | ".join(r["config"] for r in runs) + " |", "|---|" + "---|" * len(runs)]
     for t in range(max(len(r["turns"]) for r in runs)):
@@ -311,7 +327,7 @@ def plot(result: dict, path: Path) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--conversations", type=int, default=6)
+    ap.add_argument("--conversations", type=int, default=8)
     ap.add_argument("--turns", type=int, default=8)
     ap.add_argument("--turn-tokens", type=int, default=400)
     ap.add_argument("--output-tokens", type=int, default=32)

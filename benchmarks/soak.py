@@ -13,15 +13,20 @@ retract), then runs ``--concurrency`` client threads for ``--seconds``. Each req
   covers the prompt must give the same greedy tokens as ``kv_policy=none``;
 * now and then a conversation: a streaming session (the server runs with
   ``--enable-streaming-session``) of 2-4 turns, each with its own policy and budget, sometimes a
-  context turn with no output, sometimes a turn its client drops, always closed at the end.
+  context turn with no output, sometimes a turn its client drops, always closed at the end;
+* now and then a conversation whose client resends the whole history (no session) for 2-4
+  turns: with parking on (the default) its turns continue the parked compressed conversation
+  unless memory pressure evicted it, sometimes with parking off for a turn, sometimes a turn its
+  client drops.
 
 After the load, up to 20 completed compressed requests that were retracted are served again
 alone and must give the same greedy tokens as under pressure.
 
 At the end (after the load drains): zero server errors (HTTP 5xx, client-side exceptions, scheduler
 tracebacks or debug assertions in the log), every request the client did not abandon complete,
-every exactness check equal, ``available_slots + tree_evictable_tokens == pool_size`` and
-``tree_protected_tokens == 0``. Results go to ``benchmarks/results/soak/soak-<time>.json``; the
+every exactness check equal, the pool settled and whole (``launch.settled``: nothing pending,
+no live compressed request, every parked conversation idle; ``launch.leaked_slots == 0``: free +
+tree (idle parked conversations are evictable) + locked prefixes = pool). Results go to ``benchmarks/results/soak/soak-<time>.json``; the
 exit status is 0 only when every check holds.
 
     python -m benchmarks.soak --seconds 300           # CI default: 5 minutes
@@ -43,13 +48,12 @@ import urllib.request
 from pathlib import Path
 
 from lava_sglang.config import POLICIES
-from lava_sglang.launch import Server, http_json
+from lava_sglang.launch import LOG_ERRORS, Server, http_json, leaked_slots, settled
 from lava_sglang.models import default_model_path
 from lava_sglang.workloads import default_corpus_dir, load_corpus, synthetic_text
 
 RESULTS = Path(__file__).resolve().parent / "results" / "soak"
 SERVER_ENV = {"LAVA_SGLANG_DEBUG": "1", "SGLANG_REQUEST_STATE_WAIT_TIMEOUT": "1"}
-LOG_ERRORS = ("Traceback", "AssertionError", "lava-sglang debug", "Scheduler hit an exception")
 BAD_SETTINGS = ({"kv_budget": 8}, {"kv_policy": "h2o"}, {"kv_kernel_size": 4}, {"kv_floor_alpha": 2.0},
                 {"kv_budgett": 64}, {"kv_window": -1}, {"kv_budget": "many"})
 
@@ -173,6 +177,8 @@ class Soak:
             return self.exact_check(rng)
         if r < 0.23:
             return self.conversation(rng)
+        if r < 0.33:
+            return self.resend_conversation(rng)
         kind, ids = self.prompt(rng)
         custom = self.random_custom(rng)
         sp = self.sampling(rng, custom)
@@ -328,6 +334,34 @@ class Soak:
             with urllib.request.urlopen(req, timeout=120) as resp:
                 resp.read()
 
+    def resend_conversation(self, rng):
+        """2-4 turns of a client that resends the whole history (no session): parked conversations."""
+        s = self.stats
+        s.add("resend_conversations")
+        custom = self.random_custom(rng)
+        history = []
+        for t in range(rng.randint(2, 4)):
+            _, ids = self.prompt(rng)
+            history = history + ids
+            sp = self.sampling(rng, custom)
+            sp["ignore_eos"] = True
+            if t and rng.random() < 0.1:
+                sp["custom_params"] = {**(custom or {}), "kv_park": False}
+            payload = {"input_ids": history, "sampling_params": sp}
+            if rng.random() < 0.08:
+                s.add("resend_turns_aborted")
+                conn = post(self.server.port, payload)
+                time.sleep(rng.uniform(0.0, 1.5))
+                drop(conn)
+                return
+            out = http_json(self.server.url + "/generate", payload)
+            s.add("resend_turns")
+            if not self.check_complete(out, sp, f"resend turn {t + 1} {sp.get('custom_params')}"):
+                return
+            if (out["meta_info"].get("kv_compression") or [{}])[0].get("continued"):
+                s.add("resend_turns_continued")
+            history = history + out["output_ids"]
+
     # --- driver --------------------------------------------------------------------------
     def worker(self, k, deadline):
         rng = random.Random(self.args.seed * 1000 + k)
@@ -337,21 +371,6 @@ class Soak:
                 self.stats.add("sent")
             except Exception as exc:  # noqa: BLE001 - every unexpected failure is a counted error
                 self.stats.error(f"{type(exc).__name__}: {exc}")
-
-
-def memory(server):
-    return server.server_info()["internal_states"][0]["kv_compression"]
-
-
-def wait_idle(server, timeout):
-    deadline = time.time() + timeout
-    m = memory(server)
-    while time.time() < deadline:
-        if m["live_compressed_requests"] == 0 and m["pending_requests"] == 0 and m["tree_protected_tokens"] == 0:
-            break
-        time.sleep(0.5)
-        m = memory(server)
-    return m
 
 
 def corpus_tokens(tokenizer, n_tokens=60000):
@@ -388,16 +407,16 @@ def main(argv=None) -> int:
             t.join(max(1.0, deadline - time.time()) + args.drain_seconds)
         hung = sum(t.is_alive() for t in threads)
         elapsed = time.time() - start
-        wait_idle(server, 120)
+        server.wait_settled(120)
         soak.retraction_checks()
-        final = wait_idle(server, 120)
+        final = server.wait_settled(120)
         log = server.log_text()
         log_errors = {k: log.count(k) for k in LOG_ERRORS}
         aborts_seen = log.count("Abort") + log.count("abort")
 
     s = soak.stats
     c = dict(s.counts)
-    leak = final["pool_size"] - final["available_slots"] - final["tree_evictable_tokens"]
+    leak = leaked_slots(final)
     lat = sorted(s.latencies)
     result.update({
         "elapsed_seconds": round(elapsed, 1),
@@ -410,6 +429,9 @@ def main(argv=None) -> int:
         "sessions": c.get("sessions", 0),
         "session_turns": c.get("session_turns", 0),
         "session_turns_continued": c.get("session_turns_continued", 0),
+        "resend_conversations": c.get("resend_conversations", 0),
+        "resend_turns": c.get("resend_turns", 0),
+        "resend_turns_continued": c.get("resend_turns_continued", 0),
         "rejected_400": c.get("rejected_400", 0),
         "exact_checks": c.get("exact_checks", 0),
         "exact_mismatches": len(s.mismatches) - c.get("retraction_mismatches", 0),
@@ -434,8 +456,7 @@ def main(argv=None) -> int:
         "server_log": log_path,
     })
     ok = (result["errors"] == 0 and result["incomplete"] == 0 and len(s.mismatches) == 0 and hung == 0
-          and not any(log_errors.values()) and leak == 0 and final["tree_protected_tokens"] == 0
-          and final["live_compressed_requests"] == 0 and final["pending_requests"] == 0
+          and not any(log_errors.values()) and leak == 0 and settled(final)
           and result["requests_completed"] > 0)
     result["ok"] = ok
     path = out_dir / f"soak-{stamp}.json"
@@ -443,6 +464,7 @@ def main(argv=None) -> int:
     summary = {k: result[k] for k in ("ok", "elapsed_seconds", "requests_sent", "requests_completed",
                                       "requests_aborted_by_client", "requests_retracted", "retractions",
                                       "requests_compressed", "sessions", "session_turns", "session_turns_continued",
+                                      "resend_conversations", "resend_turns", "resend_turns_continued",
                                       "rejected_400", "exact_checks", "exact_mismatches",
                                       "retraction_checks", "retraction_mismatches",
                                       "errors", "incomplete", "leaked_slots", "tree_protected_tokens", "log_errors")}

@@ -1,27 +1,28 @@
-"""Multi-turn agent loop: many sessions share one long system prompt with tool descriptions.
+"""Multi-turn agent loop: many conversations share one long system prompt with tool descriptions.
 
     python examples/multi_turn_agent.py --url http://127.0.0.1:30000 [--sessions 3 --turns 2]
 
-against a server started with a policy, e.g. ``--kv-policy lava --kv-budget 128``.
+against a server started with a policy, e.g. ``--kv-policy lava --kv-budget 128`` (add
+``--enable-streaming-session`` for the session-id client style).
 
-Every session starts with the same system prompt (a tool catalogue, several hundred tokens);
-each turn the user pastes a long tool result (a few hundred tokens) and asks a question. The
-loop runs all sessions concurrently, twice: once with ``custom_params={"kv_policy": "none"}``
-(SGLang unchanged) and once with the server's policy. Each turn prints
+Every conversation starts with the same system prompt (a tool catalogue, several hundred
+tokens); each turn the user pastes a long tool result (a few hundred tokens) and asks a
+question. The loop runs all conversations concurrently, in three configurations:
 
-* ``cached`` — prompt tokens served from the radix tree (``meta_info["cached_tokens"]``):
-  the shared system prompt is reused on every turn of every session, under both policies;
-* ``held`` — the KV slots this session's own context occupies beyond the shared system prompt
-  while it decodes: without compression the whole private context (prompt tokens minus the
-  shared prefix); with compression the slots it kept (``slots_held - shared_prefix_tokens``
-  from ``meta_info["kv_compression"]``).
+* ``none, resend``: ``custom_params={"kv_policy": "none"}`` (SGLang unchanged), the client
+  resending the whole history each turn (what OpenAI-style chat clients do); the radix tree
+  serves the history;
+* ``lava, resend``: the server's policy, the same client. A compressed turn is never published
+  to the tree, but when it finishes it is *parked* (``--kv-park``, on by default): turn 2's
+  input extends it, so turn 2 continues over the compressed state and prefills only the new
+  message;
+* ``lava, session``: the server's policy, a streaming session per conversation (``session_params``),
+  each turn sending only its new text; the session keeps the compressed row.
 
-The trade-off is visible in the output: without compression a session's earlier turns are in
-the radix tree, so turn 2 finds them cached; a compressed range is never published to the tree
-(other requests must not reuse evicted cache), so with compression turn 2 re-reads its own
-history (only the system prompt is cached) and compresses it again — in exchange each session
-holds a fraction of the memory. A turn's private part is compressed only when it is longer
-than the budget.
+Each turn prints ``cached`` (prompt tokens not prefilled: the radix tree's hit, or the parked /
+session state) and ``held`` (the KV slots the conversation's own context occupies beyond the
+shared system prompt: without compression its whole private context, with compression the
+slots it kept, ``slots_held - shared_prefix_tokens`` of ``meta_info["kv_compression"]``).
 
 The system prompt is primed once with a ``max_new_tokens=0`` request (requests that end at
 prefill are never compressed, so it enters the tree at full size), as SGLang's frontend does
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import threading
+import urllib.error
 import urllib.request
 import uuid
 
@@ -49,6 +51,9 @@ TOOLS = [
     ("calendar_lookup", "List the user's meetings between two dates.", {"start": "date", "end": "date"}),
     ("translate", "Translate a text into another language.", {"text": "string", "target": "language code"}),
 ]
+
+
+END_OF_TURN = "<|im_end|>"  # ChatML (the default model's template, and the fallback renderer's)
 
 
 def system_prompt(extra_tokens: int) -> str:
@@ -80,44 +85,62 @@ class Renderer:
         return text + ("<|im_start|>assistant\n" if generation_prompt else "")
 
 
-def post(url: str, payload: dict) -> dict:
-    req = urllib.request.Request(url + "/generate", data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+def post(url: str, payload: dict, path: str = "/generate"):
+    req = urllib.request.Request(url + path, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=1800) as r:
-        return json.loads(r.read().decode())
+        body = r.read().decode()
+    return json.loads(body) if body.strip().startswith(("{", "[", '"')) else body
 
 
-def run_session(url, render, system, shared_len, sid, turns, result_tokens, max_tokens, custom, seed, out):
+def run_session(url, render, system, shared_len, sid, turns, result_tokens, max_tokens, custom, style, seed, out):
+    """One conversation. ``style``: ``resend`` (the whole history each turn) or ``session`` (a
+    streaming session; each turn sends the text the session does not hold yet)."""
     corpus = load_corpus(default_corpus_dir())
     messages = [{"role": "system", "content": system}]
-    rows = []
-    for turn in range(turns):
-        result = haystack(result_tokens, corpus, seed + 31 * turn)
-        messages.append({"role": "user", "content": f"[session {sid}] Tool result of search_docs:\n{result}\n\n"
-                                                    f"Question {turn + 1}: summarise the tool result in one sentence."})
-        payload = {"text": render(messages), "sampling_params": {"max_new_tokens": max_tokens, "temperature": 0}}
-        if custom:
-            payload["sampling_params"]["custom_params"] = custom
-        out_json = post(url, payload)
-        meta = out_json["meta_info"]
-        report = (meta.get("kv_compression") or [None])[0]
-        if report:
-            held = report["slots_held"] - report["shared_prefix_tokens"]
-        else:
-            held = meta["prompt_tokens"] - shared_len
-        rows.append({"turn": turn + 1, "prompt_tokens": meta["prompt_tokens"], "cached_tokens": meta["cached_tokens"],
-                     "held_slots": held + meta["completion_tokens"], "compressed": report is not None, "report": report,
-                     "text": out_json["text"]})
-        messages.append({"role": "assistant", "content": out_json["text"]})
+    session = post(url, {"capacity_of_str_len": 1 << 22, "streaming": True}, "/open_session") if style == "session" else None
+    rows, held_text = [], ""
+    try:
+        for turn in range(turns):
+            result = haystack(result_tokens, corpus, seed + 31 * turn)
+            messages.append({"role": "user", "content": f"[conversation {sid}] Tool result of search_docs:\n{result}\n\n"
+                                                        f"Question {turn + 1}: summarise the tool result in one sentence."})
+            full = render(messages)
+            payload = {"sampling_params": {"max_new_tokens": max_tokens, "temperature": 0}}
+            if session is None:
+                payload["text"] = full
+            else:  # the text after what the session holds (its prompts and answers so far)
+                assert full.startswith(held_text), "the chat template does not extend the history"
+                payload["text"] = full[len(held_text):]
+                payload["session_params"] = {"id": session}
+            if custom:
+                payload["sampling_params"]["custom_params"] = custom
+            out_json = post(url, payload)
+            meta = out_json["meta_info"]
+            report = (meta.get("kv_compression") or [None])[0]
+            if report:
+                held = report["slots_held"] - report["shared_prefix_tokens"]
+            else:
+                held = meta["prompt_tokens"] - shared_len
+            rows.append({"turn": turn + 1, "prompt_tokens": meta["prompt_tokens"], "cached_tokens": meta["cached_tokens"],
+                         "held_slots": held + meta["completion_tokens"], "compressed": report is not None, "report": report,
+                         "continued": bool(report and report.get("continued")), "text": out_json["text"]})
+            messages.append({"role": "assistant", "content": out_json["text"]})
+            # the session holds the answer's tokens, and the end-of-turn token when it stopped on it
+            stopped = (meta.get("finish_reason") or {}).get("type") == "stop"
+            held_text = full + out_json["text"] + (END_OF_TURN if stopped else "")
+    finally:
+        if session is not None:
+            post(url, {"session_id": session}, "/close_session")
     out[sid] = rows
 
 
-def run_policy(url, render, system, shared_len, args, label, custom):
+def run_policy(url, render, system, shared_len, args, label, custom, style):
     out, threads = {}, []
     tag = uuid.uuid4().hex[:6]
     for i in range(args.sessions):
         sid = f"{label}-{tag}-{i}"
         t = threading.Thread(target=run_session, args=(url, render, system, shared_len, sid, args.turns, args.result_tokens,
-                                                       args.max_tokens, custom, args.seed + 1000 * i, out))
+                                                       args.max_tokens, custom, style, args.seed + 1000 * i, out))
         t.start()
         threads.append(t)
     for t in threads:
@@ -146,19 +169,27 @@ def main(argv=None) -> dict:
           f"{args.sessions} sessions x {args.turns} turns, ~{args.result_tokens}-token tool result per turn")
 
     results = {}
-    for label, custom in (("none", {"kv_policy": "none"}), ("server policy", None)):
-        sessions = run_policy(url, render, system, shared_len, args, label.split()[0], custom)
+    configs = [("none, resend", {"kv_policy": "none"}, "resend"), ("lava, resend", None, "resend"),
+               ("lava, session", None, "session")]
+    for label, custom, style in configs:
+        try:
+            sessions = run_policy(url, render, system, shared_len, args, label.split(",")[0], custom, style)
+        except urllib.error.HTTPError as exc:
+            if style != "session":
+                raise
+            print(f"\n[{label}] skipped: the server refused a session ({exc}); start it with --enable-streaming-session")
+            continue
         results[label] = sessions
         print(f"\n[{label}]")
         for i, rows in enumerate(sessions):
             cells = []
             for r in rows:
-                tag = f"compressed->{r['report']['policy']}" if r["compressed"] else "full"
+                tag = ("continued" if r["continued"] else f"compressed->{r['report']['policy']}") if r["compressed"] else "full"
                 cells.append(f"turn {r['turn']}: prompt={r['prompt_tokens']:4d} cached={r['cached_tokens']:4d} "
                              f"held={r['held_slots']:4d} ({tag})")
-            print(f"  session {i}: " + " | ".join(cells))
+            print(f"  conversation {i}: " + " | ".join(cells))
         last = sum(rows[-1]["held_slots"] for rows in sessions)
-        print(f"  KV slots held by all sessions at their last turn (beyond the shared prompt): {last}")
+        print(f"  KV slots held by all conversations at their last turn (beyond the shared prompt): {last}")
     return {"shared_len": shared_len, "results": results}
 
 

@@ -38,6 +38,11 @@ class CompressionConfig:
     floor_alpha: float = 0.2
     pyramid_beta: float = 20.0
     min_prompt_len: int = 0
+    # Parked conversations (engine.parking): a compressed request's state outlives it, for a
+    # client that resends the whole history; ``park_max_slots`` caps what they hold (0: no cap
+    # but the pool, they are evicted on demand). ``park_max_slots`` is server-wide only.
+    park: bool = True
+    park_max_slots: int = 0
 
     # Public names of the fields: CLI flag ``--kv-<name>`` and request key ``kv_<name>``.
     @staticmethod
@@ -67,7 +72,9 @@ class CompressionConfig:
             raise ConfigError(name("policy"), f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
         if self.pooling not in POOLINGS:
             raise ConfigError(name("pooling"), f"unknown pooling {self.pooling!r}; choose one of {', '.join(POOLINGS)}")
-        for field in ("budget", "window", "kernel_size", "min_prompt_len"):
+        if not isinstance(self.park, bool):
+            raise ConfigError(name("park"), f"must be true or false, got {self.park!r}")
+        for field in ("budget", "window", "kernel_size", "min_prompt_len", "park_max_slots"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(name(field), f"must be an integer, got {value!r}")
@@ -96,11 +103,16 @@ class CompressionConfig:
     def to_dict(self) -> dict[str, Any]:
         return {self.key(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
 
+    # Settings a request cannot override (they size what the whole server holds).
+    SERVER_ONLY = ("park_max_slots",)
+
     def with_overrides(self, overrides: Mapping[str, Any]) -> "CompressionConfig":
         """Apply per-request overrides keyed ``kv_<field>``; unknown keys and bad values raise ConfigError."""
-        fields = {self.key(f.name): f.name for f in dataclasses.fields(self)}
+        fields = {self.key(f.name): f.name for f in dataclasses.fields(self) if f.name not in self.SERVER_ONLY}
         changes = {}
         for key, value in overrides.items():
+            if key in (self.key(f) for f in self.SERVER_ONLY):
+                raise ConfigError(str(key), f"is a server-wide setting ({self.flag(key[3:])}); a request cannot change it")
             if key not in fields:
                 raise ConfigError(str(key), f"unknown compression setting; known: {', '.join(sorted(fields))}")
             field = fields[key]

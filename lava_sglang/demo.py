@@ -32,15 +32,13 @@ import statistics
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from lava_sglang.launch import Server, ServerError, http_json
+from lava_sglang.launch import Server, ServerError, flush_cache, http_json
 from lava_sglang.models import default_model_path
 from lava_sglang.workloads import default_corpus_dir, haystack, load_corpus, passkey_task
 
@@ -68,18 +66,6 @@ class Steps:
             self.console.print(f"... {text}", highlight=False)
             yield lambda more: None
         self.console.print(f"[green]done[/green] {text} ({time.time() - started:.0f} s)", highlight=False)
-
-
-def flush_cache(url: str) -> None:
-    """Empty the radix tree (waits up to 60 s for the server to be idle); raises unless it says OK."""
-    request = urllib.request.Request(url + "/flush_cache?timeout=60", data=b"", method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            body = response.read().decode(errors="replace")
-    except urllib.error.HTTPError as e:
-        raise RuntimeError(f"/flush_cache refused: HTTP {e.code} {e.read().decode(errors='replace').strip()}") from e
-    if response.status != 200 or "flushed" not in body.lower():
-        raise RuntimeError(f"/flush_cache did not flush: {body.strip()}")
 
 
 def shown(path: Path) -> str:

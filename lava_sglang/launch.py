@@ -83,18 +83,28 @@ class ServerError(RuntimeError):
     pass
 
 
+# What a healthy server never logs.
+LOG_ERRORS = ("Traceback", "AssertionError", "lava-sglang debug", "Scheduler hit an exception", "pool memory leak",
+              "Mem Leak", "memory leak detected")
+
+
 class Server:
     """A running SGLang server (a process group we own). Use as a context manager."""
 
     def __init__(self, model_path: str, extra_args: Iterable[str] = (), *, port: int | None = None,
-                 startup_timeout: float = 600.0, cpu: bool | None = None, log_path: str | None = None):
+                 startup_timeout: float = 600.0, cpu: bool | None = None, log_path: str | None = None,
+                 core: int | None = None):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.command = server_command(model_path, self.port, extra_args, cpu)
         self.env = server_env(cpu)
+        if core is not None:  # pinned to one CPU core (two CPU servers on one machine must not share cores)
+            self.command = ["taskset", "-c", str(core), *self.command]
+            self.env.update(OMP_NUM_THREADS="1", SGLANG_CPU_OMP_THREADS_BIND=str(core))
         self.startup_timeout = startup_timeout
         self.log_path = log_path or tempfile.mkstemp(prefix="lava-sglang-server-", suffix=".log")[1]
         self.process: subprocess.Popen | None = None
+        self.health_path = "/health_generate"
 
     def start(self) -> "Server":
         log = open(self.log_path, "w")
@@ -105,7 +115,7 @@ class Server:
             if self.process.poll() is not None:
                 raise ServerError(f"server exited with status {self.process.returncode} during start-up\n{self.log_tail()}")
             try:
-                with urllib.request.urlopen(self.url + "/health_generate", timeout=60) as r:
+                with urllib.request.urlopen(self.url + self.health_path, timeout=60) as r:
                     if r.status == 200:
                         return self
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
@@ -119,6 +129,12 @@ class Server:
             return "".join(Path(self.log_path).read_text(errors="replace").splitlines(True)[-lines:])
         except OSError:
             return "(no log)"
+
+    def log_errors(self) -> list[str]:
+        """The markers of :data:`LOG_ERRORS` found in the server's log (tracebacks, SGLang's leak
+        checks, the plugin's debug invariants)."""
+        log = self.log_text()
+        return [marker for marker in LOG_ERRORS if marker in log]
 
     def log_text(self) -> str:
         try:
@@ -167,6 +183,66 @@ class Server:
 
     def server_info(self) -> dict:
         return http_json(self.url + "/server_info", timeout=60)
+
+    def flush_cache(self) -> None:
+        flush_cache(self.url)
+
+    def kv_memory(self) -> dict:
+        """The plugin's live accounting (``/server_info`` -> ``internal_states[0]["kv_compression"]``)."""
+        return self.server_info()["internal_states"][0]["kv_compression"]
+
+    def wait_settled(self, timeout: float = 120.0) -> dict:
+        """The accounting once no request holds memory (see :func:`settled`), or the last one seen."""
+        deadline = time.time() + timeout
+        m = self.kv_memory()
+        while not settled(m) and time.time() < deadline:
+            time.sleep(0.25)
+            m = self.kv_memory()
+        return m
+
+
+class Router(Server):
+    """SGLang's router (PyPI ``sglang-router``) in front of ``worker_urls``, on loopback."""
+
+    def __init__(self, worker_urls: Iterable[str], policy: str = "cache_aware", extra_args: Iterable[str] = (), *,
+                 startup_timeout: float = 120.0, log_path: str | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.command = [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port",
+                        str(self.port), "--worker-urls", *worker_urls, "--policy", policy, "--prometheus-host",
+                        "127.0.0.1", "--prometheus-port", str(free_port()), *[str(a) for a in extra_args]]
+        self.env = dict(os.environ)
+        self.startup_timeout = startup_timeout
+        self.log_path = log_path or tempfile.mkstemp(prefix="lava-sglang-router-", suffix=".log")[1]
+        self.process = None
+        self.health_path = "/health"
+
+
+def flush_cache(url: str) -> None:
+    """``POST /flush_cache``: the radix tree and every parked conversation go (waits up to 60 s for
+    the server to be idle); raises unless it says it flushed."""
+    request = urllib.request.Request(url + "/flush_cache?timeout=60", data=b"", method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            body = response.read().decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        raise RuntimeError(f"/flush_cache refused: HTTP {e.code} {e.read().decode(errors='replace').strip()}") from e
+    if response.status != 200 or "flushed" not in body.lower():
+        raise RuntimeError(f"/flush_cache did not flush: {body.strip()}")
+
+
+def settled(m: dict) -> bool:
+    """No request holds memory: nothing pending, every compressed state left is an idle parked
+    conversation, and without parked conversations the tree holds no lock."""
+    parked = m.get("parked_conversations", 0)
+    return (m["pending_requests"] == 0 and m["live_compressed_requests"] == 0 and parked == m.get("parked_idle", 0)
+            and (parked or m["tree_protected_tokens"] == 0))
+
+
+def leaked_slots(m: dict) -> int:
+    """Slots neither free, nor in the tree (idle parked conversations count as its evictable part,
+    the prefixes they lock as its protected part): 0 once :func:`settled`."""
+    return m["pool_size"] - m["available_slots"] - m["tree_evictable_tokens"] - m["tree_protected_tokens"]
 
 
 def run_cli_and_capture(args: list[str], timeout: float = 300.0, cpu: bool | None = None) -> subprocess.CompletedProcess:

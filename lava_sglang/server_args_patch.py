@@ -49,6 +49,20 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kv-kernel-size", type=int, default=_DEFAULTS.kernel_size, help="Pooling kernel size (odd).")
     group.add_argument("--kv-floor-alpha", type=float, default=_DEFAULTS.floor_alpha, help="Share of each head's budget guaranteed before the cross-head top-k (adakv, lava), in [0, 1].")
     group.add_argument("--kv-pyramid-beta", type=float, default=_DEFAULTS.pyramid_beta, help="PyramidKV slope: the last layer keeps budget/beta.")
+    group.add_argument(
+        "--kv-park",
+        action=argparse.BooleanOptionalAction,
+        default=_DEFAULTS.park,
+        help="Park a compressed request's state when it finishes, so a request that resends its whole history "
+        "continues over it and prefills only its new tokens (--no-kv-park: release it; per request: kv_park).",
+    )
+    group.add_argument(
+        "--kv-park-max-slots",
+        type=int,
+        default=_DEFAULTS.park_max_slots,
+        help="Most KV slots parked conversations may hold together (0: no cap but the pool; parked memory is "
+        "evictable and goes first, least recently used, when SGLang needs slots).",
+    )
     group.add_argument("--kv-min-prompt-len", type=int, default=_DEFAULTS.min_prompt_len, help="Prompts shorter than this are never compressed.")
 
 

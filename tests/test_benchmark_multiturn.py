@@ -1,6 +1,7 @@
-"""The multi-turn benchmark's ``--quick`` run end to end: session-style ``lava:128`` conversations
-on one real server (one configuration: the suite's time; ``none`` and resend clients run the same
-code with other flags). It checks what is measured and written; no performance threshold."""
+"""The multi-turn benchmark's ``--quick`` run end to end: ``lava:128`` conversations whose client
+resends the whole history, on one real server (one configuration: the suite's time; ``none`` and
+session clients run the same code with other flags). It checks what is measured and written; no
+performance threshold."""
 
 from __future__ import annotations
 
@@ -19,21 +20,25 @@ pytestmark = pytest.mark.server
 def test_quick_multiturn_run_measures_every_turn(tmp_path):
     from benchmarks.multiturn import main
 
-    assert main(["--quick", "--configs", "lava:128", "--out", str(tmp_path)]) == 0
-    data = json.loads((tmp_path / "multiturn_session_quick.json").read_text())
+    assert main(["--quick", "--configs", "lava:128", "--client", "resend", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "multiturn_resend_quick.json").read_text())
     runs = {r["config"]: r for r in data["runs"]}
-    assert set(runs) == {"lava:128"} and runs["lava:128"]["client"] == "session"
+    assert set(runs) == {"lava:128"} and runs["lava:128"]["client"] == "resend"
     for r in runs.values():
         assert not r["errors"] and len(r["turns"]) == 3 and r["wall_s"] > 0
         assert all(len(conv) == 3 for conv in r["conversations"])
-    # a session under lava prefills only the new tokens of each turn and holds less than its history
+    # each later turn continues the parked conversation: it prefills only its new tokens, and the
+    # conversation holds less than its history
     for conv in runs["lava:128"]["conversations"]:
         assert conv[0]["compressed"]
         for turn in conv[1:]:
             assert turn["prefilled_tokens"] == 150 + 1  # the new tokens and the previous answer's last token
-            assert turn["compressed"]
+            assert turn["compressed"] and turn["resident"]
+    totals = runs["lava:128"]["server_totals"]
+    assert totals["park_hits"] == 2 * 2 and totals["park_evictions"] == 0, totals
+    assert runs["lava:128"]["peak_resident"] == 2
     history = 3 * (150 + 8)  # private tokens of a conversation by the end of turn 3
     assert runs["lava:128"]["turns"][-1]["private_slots_mean"] < history
-    md = (tmp_path / "multiturn_session_quick.md").read_text()
-    assert "| lava:128 |" in md and "Per turn" in md
-    assert (tmp_path / "multiturn_session_quick.png").stat().st_size > 10_000
+    md = (tmp_path / "multiturn_resend_quick.md").read_text()
+    assert "| lava:128 |" in md and "Per turn" in md and "parked hits" in md
+    assert (tmp_path / "multiturn_resend_quick.png").stat().st_size > 10_000

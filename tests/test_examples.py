@@ -16,7 +16,7 @@ import pytest
 
 pytestmark = pytest.mark.server
 
-LAVA = ("--kv-policy", "lava", "--kv-budget", "128")
+LAVA = ("--kv-policy", "lava", "--kv-budget", "128", "--enable-streaming-session")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -45,26 +45,41 @@ def test_frontend_fork_shares_document_and_compresses_branches(servers, capsys):
         assert report["slots_held"] - report["shared_prefix_tokens"] < report["compressed_tokens"]
 
 
-def test_multi_turn_agent_reuses_system_prompt_and_holds_less(servers, capsys):
+def test_multi_turn_agent_reuses_history_in_both_client_styles_and_holds_less(servers, capsys):
     server = servers.get(*LAVA)
     out = load_example("multi_turn_agent").main(["--url", server.url, "--sessions", "2", "--turns", "2",
                                                  "--system-tokens", "0", "--result-tokens", "160", "--max-tokens", "6"])
     print(capsys.readouterr().out)
     shared = out["shared_len"]
-    none, lava = out["results"]["none"], out["results"]["server policy"]
-    for sessions, compressed in ((none, False), (lava, True)):
+    results = out["results"]
+    assert set(results) == {"none, resend", "lava, resend", "lava, session"}
+    for label, sessions in results.items():
         assert len(sessions) == 2
         for rows in sessions:
             assert [r["turn"] for r in rows] == [1, 2]
-            for r in rows:
-                assert r["cached_tokens"] >= shared - 2, r  # the shared system prompt is reused every turn
-                assert r["compressed"] is compressed, r
-    # Without compression turn 2 finds the session's own turn 1 in the tree; with it only the system prompt.
-    assert all(rows[1]["cached_tokens"] > rows[0]["prompt_tokens"] - 5 for rows in none)
-    assert all(rows[1]["cached_tokens"] < rows[0]["prompt_tokens"] for rows in lava)
-    held_none = sum(rows[-1]["held_slots"] for rows in none)
-    held_lava = sum(rows[-1]["held_slots"] for rows in lava)
-    assert held_lava < held_none
+            assert all(r["cached_tokens"] >= shared - 2 for r in rows), rows  # the system prompt every turn
+            assert all(r["compressed"] is label.startswith("lava") for r in rows), rows
+            # turn 2 is served from memory: the tree (none), the parked conversation (resend) or
+            # the session (session): it prefills about the new message only
+            assert rows[1]["cached_tokens"] >= rows[0]["prompt_tokens"], (label, rows)
+            if label.startswith("lava"):
+                assert rows[1]["continued"], (label, rows)
+    held = {label: sum(rows[-1]["held_slots"] for rows in sessions) for label, sessions in results.items()}
+    assert held["lava, resend"] < held["none, resend"] and held["lava, session"] < held["none, resend"], held
+
+
+def test_frontend_multi_turn_program_continues_the_parked_conversation(servers, capsys):
+    server = servers.get(*LAVA)
+    out = load_example("frontend_multi_turn").main(["--url", server.url, "--turns", "3", "--doc-tokens", "600"])
+    print(capsys.readouterr().out)
+    rows = out["rows"]
+    assert [r["turn"] for r in rows] == [1, 2, 3]
+    assert rows[0]["report"] and not rows[0]["report"].get("continued")
+    for prev, row in zip(rows, rows[1:]):
+        # the frontend resent the whole text; everything before the new question was held
+        assert row["report"] and row["report"]["continued"], row
+        assert row["cached_tokens"] >= prev["prompt_tokens"], (prev, row)
+        assert row["prompt_tokens"] - row["cached_tokens"] < 64, row
 
 
 def test_openai_client_per_request_budget(servers, capsys):

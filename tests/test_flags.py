@@ -41,6 +41,19 @@ def test_values_reach_the_record(prepare):
     assert config_of(pickle.loads(pickle.dumps(args))) == config
 
 
+def test_parking_flags_reach_the_record_and_stay_server_wide(prepare):
+    from lava_sglang.server_args_patch import config_of
+
+    assert config_of(prepare("--kv-policy", "lava")).park is True
+    config = config_of(prepare("--kv-policy", "lava", "--no-kv-park", "--kv-park-max-slots", "5000"))
+    assert config.park is False and config.park_max_slots == 5000
+    assert config.with_overrides({"kv_park": True}).park is True
+    with pytest.raises(ConfigError, match="kv_park_max_slots.*server-wide"):
+        config.with_overrides({"kv_park_max_slots": 10})
+    with pytest.raises(ConfigError, match="kv_park: must be true or false"):
+        config.with_overrides({"kv_park": "yes"})
+
+
 def test_compression_turns_off_what_it_cannot_run_with(prepare):
     assert prepare("--kv-policy", "snapkv").disable_decode_cuda_graph is True
     assert prepare("--kv-policy", "snapkv", "--enable-mixed-chunk").enable_mixed_chunk is False
@@ -77,6 +90,7 @@ def test_unsupported_settings_are_named():
         (["--kv-window", "-1"], "--kv-window", "negative"),
         (["--kv-budget", "-5"], "--kv-budget", "negative"),
         (["--kv-min-prompt-len", "-1"], "--kv-min-prompt-len", "negative"),
+        (["--kv-park-max-slots", "-1"], "--kv-park-max-slots", "negative"),
         (["--kv-floor-alpha", "1.5"], "--kv-floor-alpha", "[0, 1]"),
         (["--kv-floor-alpha", "-0.1"], "--kv-floor-alpha", "[0, 1]"),
         (["--kv-kernel-size", "4"], "--kv-kernel-size", "odd"),

@@ -247,6 +247,19 @@ def test_build_pair_indices_matches_loop(H):
     assert empty.kv_indptr.tolist() == [0] and empty.kv_indices.numel() == 0
 
 
+def test_append_pair_cells_adds_one_cell_at_the_end_of_every_list():
+    from lava_sglang.kernels.decode_attention import append_pair_cells
+
+    lists = [[5, 6], [], [7], [8, 9, 10]]
+    for dt in (torch.int64, torch.int32):
+        pairs = build_pair_indices_from_lists(1, [torch.tensor(x, dtype=torch.long) for x in lists], index_dtype=dt)
+        grown = append_pair_cells(pairs, torch.tensor([50, 51, 52, 53]))
+        assert grown.kv_indices.dtype == dt and grown.kv_indptr.dtype == pairs.kv_indptr.dtype
+        check_pairs(grown, [x + [50 + i] for i, x in enumerate(lists)])
+    with pytest.raises(ValueError, match="4 pairs"):
+        append_pair_cells(pairs, torch.tensor([1, 2]))
+
+
 def test_gather_row_ranges():
     req_to_token = torch.arange(5 * 20).view(5, 20) + 1000
     slots, lens = gather_row_ranges(req_to_token, [3, 0, 4], [2, 5, 7], [6, 5, 8])

@@ -265,8 +265,9 @@ def test_all_layers_in_one_build_equal_one_build_per_layer(monkeypatch):
         a, b = together.indices(lid), apart.indices(lid)
         assert torch.equal(a.kv_indptr, b.kv_indptr) and torch.equal(a.kv_indices, b.kv_indices)
         lens = torch.stack([torch.zeros(HKV, dtype=torch.long), state.mid_lens[lid]])
-        direct = build_pair_indices(HKV, together.prefix_slots, together.prefix_lens, together.suffix_slots,
-                                    together.suffix_lens, state.mid_cells[lid], lens, cell_base=space.base[lid])
+        pre, pre_lens, suf, suf_lens = together.ranges()
+        direct = build_pair_indices(HKV, pre, pre_lens, suf, suf_lens, state.mid_cells[lid], lens,
+                                    cell_base=space.base[lid])
         assert torch.equal(a.kv_indices, direct.kv_indices) and torch.equal(a.kv_indptr, direct.kv_indptr)
 
 
@@ -285,3 +286,53 @@ def test_kept_cells_are_reused_across_decode_steps_until_the_state_changes():
     assert reselect(state, req_to_token, pool, alloc) is not None
     mid3, lens3 = kept_pieces(entries(end + 1), N_LAYERS, HKV, "cpu")
     assert mid3 is not mid1 and torch.equal(mid3, torch.cat(state.mid_cells)) and torch.equal(lens3[:, 0], state.mid_lens)
+
+
+def test_next_decode_step_appends_to_the_previous_lists_and_equals_a_full_build(monkeypatch):
+    """A decode plan of the batch the previous plan served, every request one token further,
+    appends the new tokens' cells to the previous all-layer lists; they equal a full build. A
+    changed batch, a skipped step, an extend forward in between or a changed state builds afresh."""
+    import lava_sglang.engine.layout as LY
+    from lava_sglang.kernels.decode_attention import build_pair_indices
+
+    pool, req_to_token, state, _, _ = compressed_row(extra=6)
+    space = pool_cells(pool)
+    req_to_token[1, :40] = torch.arange(300, 340, dtype=torch.int32)
+    L = state.prompt_len
+
+    def plan(s_unc, s_comp, mid=None):
+        return LayoutPlan([uncompressed_entry(1, s_unc, 1, 0),
+                           LayoutEntry(state.row, state.prefix_len, L, s_comp, 1, 1, mid or state_mid(state))],
+                          req_to_token, space)
+
+    def full(p):
+        saved = list(LY._DECODE_CSR)
+        LY._DECODE_CSR.clear()
+        out = [p.indices(lid) for lid in range(N_LAYERS)]
+        LY._DECODE_CSR[:] = saved
+        return out
+
+    built = []
+    monkeypatch.setattr(LY, "build_pair_indices", lambda *a, **k: built.append(1) or build_pair_indices(*a, **k))
+    LY.forget_decode_steps()
+    first = plan(30, L + 3)
+    first.indices(0)
+    assert len(built) == 1
+    for step in range(1, 4):  # three appended steps, no build
+        p = plan(30 + step, L + 3 + step)
+        n = len(built)
+        got = [p.indices(lid) for lid in range(N_LAYERS)]
+        assert len(built) == n, step
+        want = full(plan(30 + step, L + 3 + step))
+        for a, b in zip(got, want):
+            assert torch.equal(a.kv_indptr, b.kv_indptr) and torch.equal(a.kv_indices, b.kv_indices)
+    n = len(built)
+    plan(30 + 5, L + 3 + 5).indices(0)  # a skipped step
+    assert len(built) == n + 1
+    LY.forget_decode_steps()  # an extend forward
+    plan(30 + 6, L + 3 + 6).indices(0)
+    assert len(built) == n + 2
+    other = state_mid(state)  # same cells, but a new state key (re-selection, rewind)
+    other.key = (list(state.mid_cells), state.mid_lens.clone())
+    plan(30 + 7, L + 3 + 7, mid=other).indices(0)
+    assert len(built) == n + 3

@@ -23,7 +23,7 @@ import urllib.request
 
 import pytest
 
-from lava_sglang.launch import http_json
+from lava_sglang.launch import http_json, leaked_slots, settled
 from lava_sglang.workloads import default_corpus_dir, haystack, load_corpus
 
 pytestmark = pytest.mark.server
@@ -54,24 +54,16 @@ def prompt_ids(tokenizer, corpus, n_tokens, seed):
 
 
 def memory(server):
-    return server.server_info()["internal_states"][0]["kv_compression"]
+    return server.kv_memory()
 
 
 def wait_idle(server, timeout=120.0):
-    deadline = time.time() + timeout
-    m = memory(server)
-    while time.time() < deadline:
-        if m["live_compressed_requests"] == 0 and m["pending_requests"] == 0 and m["tree_protected_tokens"] == 0:
-            return m
-        time.sleep(0.25)
-        m = memory(server)
-    return m
+    return server.wait_settled(timeout)
 
 
 def assert_no_leak(server, timeout=120.0):
     m = wait_idle(server, timeout)
-    assert m["live_compressed_requests"] == 0 and m["pending_requests"] == 0 and m["tree_protected_tokens"] == 0, m
-    assert m["available_slots"] + m["tree_evictable_tokens"] == m["pool_size"], m
+    assert settled(m) and leaked_slots(m) == 0, m
     return m
 
 

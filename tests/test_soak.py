@@ -28,3 +28,4 @@ def test_short_soak(tmp_path):
     assert proc.returncode == 0 and result["ok"], summary
     assert result["requests_completed"] > 0 and result["final_memory"]["debug_checks"]["after_release"] > 0
     assert result["sessions"] > 0 and result["session_turns"] > 0, summary
+    assert result["resend_conversations"] > 0 and result["resend_turns"] > 0, summary

@@ -19,6 +19,8 @@ import os
 
 import torch
 
+from lava_sglang.engine.parking import idle_parked_rows
+from lava_sglang.engine.parking import snapshot as parking_snapshot
 from lava_sglang.engine.state import REGISTRY
 
 
@@ -40,15 +42,19 @@ def _free_slots(allocator) -> torch.Tensor:
 def snapshot(scheduler) -> dict:
     allocator = scheduler.token_to_kv_pool_allocator
     tree = scheduler.tree_cache
+    idle = idle_parked_rows()
+    live = [s for row, s in REGISTRY.compressed.items() if row not in idle]
     out = {
         "pool_size": int(getattr(allocator, "size", -1)),
         "available_slots": int(allocator.available_size()),
         "tree_evictable_tokens": int(tree.evictable_size()) if hasattr(tree, "evictable_size") else None,
         "tree_protected_tokens": int(tree.protected_size()) if hasattr(tree, "protected_size") else None,
-        "live_compressed_requests": len(REGISTRY.compressed),
+        # requests and sessions; idle parked conversations are counted apart (parked_*)
+        "live_compressed_requests": len(live),
         "pending_requests": len(REGISTRY.pending),
-        "held_slots_by_compressed": {s.rid: s.prefix_len + s.kept_slots for s in REGISTRY.compressed.values()},
+        "held_slots_by_compressed": {s.rid: s.prefix_len + s.kept_slots for s in live},
         **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in REGISTRY.totals.items()},
+        **parking_snapshot(),
     }
     if debug_enabled():
         out["debug_checks"] = dict(DEBUG_COUNTS)

@@ -183,7 +183,9 @@ def after_session_held_tokens(result, self, *args, **kwargs):
         lo, hi = state.freed_range
         lo, hi = max(lo, int(kv.cache_protected_len)), min(hi, int(kv.kv_allocated_len))
         result -= max(0, hi - lo)
-    return result
+    from lava_sglang.engine.parking import idle_held_slots
+
+    return result - idle_held_slots()  # idle parked conversations count as evictable instead
 
 
 def around_release_session(original, self, session_id, *args, **kwargs):

@@ -28,6 +28,7 @@ import time
 from typing import Optional
 
 from lava_sglang.config import CompressionConfig
+from lava_sglang.engine import parking
 from lava_sglang.engine.continuation import after_session_held_tokens, around_release_session
 from lava_sglang.engine.pool_alloc import after_create_buffers, around_create_buffers_normal
 from lava_sglang.engine.request_params import after_sampling_params_verify, resolve
@@ -48,6 +49,7 @@ INTERNAL_STATE = "sglang.srt.managers.scheduler_components.internal_state.Schedu
 POOL_STATS = "sglang.srt.managers.scheduler_components.pool_stats_observer.SchedulerPoolStatsObserver"
 STREAMING_SESSION = "sglang.srt.session.streaming_session.StreamingSession"
 MHA_POOL = "sglang.srt.mem_cache.memory_pool.MHATokenToKVPool"
+RADIX_CACHE = "sglang.srt.mem_cache.unified_radix_cache.UnifiedRadixCache"
 
 META_KEY = "kv_compression"
 
@@ -422,6 +424,9 @@ def around_forward_batch_generation(original, self, batch=None, *args, **kwargs)
             _STEP = None
     if not mode.is_extend():
         return original(self, batch, *args, **kwargs)
+    from lava_sglang.engine.layout import forget_decode_steps
+
+    forget_decode_steps()
     pool = runner.token_to_kv_pool
     from lava_sglang.engine.cells import pool_cells
 
@@ -535,7 +540,7 @@ def around_release_kv_cache(original, req, tree_cache, *args, **kwargs):
             REGISTRY.retracted.pop(rid, None)
             REGISTRY.pending.pop(int(row), None)
         else:
-            REGISTRY.drop(row, rid)
+            REGISTRY.drop(row)  # the row is free now: any state on it is stale
             if row is not None and _NOT_COMPRESSED.get(int(row)) == rid:
                 del _NOT_COMPRESSED[int(row)]
             if was_compressed:
@@ -566,4 +571,13 @@ def hook_specs():
         (f"{STREAMING_SESSION}.release_session", around_release_session, "AROUND", True),
         (f"{MHA_POOL}._create_buffers_normal", around_create_buffers_normal, "AROUND", True),
         (f"{MHA_POOL}._create_buffers", after_create_buffers, "AFTER", True),
+        # parked conversations (engine.parking)
+        (f"{STREAMING_SESSION}.try_match_prefix", parking.around_try_match_prefix, "AROUND", True),
+        (f"{RADIX_CACHE}.claim_kv_row", parking.around_claim_kv_row, "AROUND", True),
+        (f"{RADIX_CACHE}.session_records", parking.after_session_records, "AFTER", True),
+        (f"{RADIX_CACHE}.evictable_size", parking.after_evictable_size, "AFTER", True),
+        (f"{RADIX_CACHE}.evict", parking.around_evict, "AROUND", True),
+        (f"{RADIX_CACHE}.evict_for_alloc", parking.around_evict_for_alloc, "AROUND", True),
+        (f"{RADIX_CACHE}.reset", parking.after_reset, "AFTER", True),
+        (f"{SCHEDULER}._release_aborted_request", parking.after_release_aborted_request, "AFTER", True),
     ]

@@ -35,6 +35,7 @@ import torch
 from lava_sglang.engine.cells import CellSpace
 from lava_sglang.kernels.decode_attention import (
     PairIndices,
+    append_pair_cells,
     build_pair_indices,
     gather_row_ranges,
     paged_decode_attention,
@@ -91,13 +92,10 @@ class LayoutPlan:
     def __init__(self, entries: list, req_to_token: torch.Tensor, space: CellSpace):
         self.entries = entries
         self.space = space
+        self.req_to_token = req_to_token
         self.n_kv_heads = H = space.n_kv_heads
         device = req_to_token.device
-        rows = [e.row for e in entries]
-        zeros = [0] * len(entries)
-        self.prefix_slots, self.prefix_lens = gather_row_ranges(req_to_token, rows, zeros, [e.prefix_end for e in entries])
-        self.suffix_slots, self.suffix_lens = gather_row_ranges(
-            req_to_token, rows, [e.suffix_start for e in entries], [e.seq_end for e in entries])
+        self._ranges = None  # (prefix slots, prefix lens, suffix slots, suffix lens): gathered when built
         n_q = [e.n_q for e in entries]
         self.decode_only = all(n == 1 for n in n_q) and [e.q_offset for e in entries] == list(range(len(entries)))
         self._layers: dict = {}
@@ -120,37 +118,84 @@ class LayoutPlan:
         self.token_rows = (torch.cat(tokens) if tokens else torch.zeros(0, dtype=torch.long)).to(device)
         self.pair_rows = (torch.cat(pair_rows) if pair_rows else torch.zeros(0, dtype=torch.long)).to(device)
 
+    def ranges(self):
+        """The entries' prefix ``row[0:P]`` and appended ``row[L:S]`` slots, gathered once."""
+        if self._ranges is None:
+            rows = [e.row for e in self.entries]
+            zeros = [0] * len(self.entries)
+            self._ranges = (*gather_row_ranges(self.req_to_token, rows, zeros, [e.prefix_end for e in self.entries]),
+                            *gather_row_ranges(self.req_to_token, rows, [e.suffix_start for e in self.entries],
+                                               [e.seq_end for e in self.entries]))
+        return self._ranges
+
     def indices(self, layer_id: int):
         """Layer ``layer_id``'s CSR. The first call builds every layer's at once (one vectorized
         build, one "request" per (layer, request); prefix and appended cells differ between
         layers only by the layer's cell base) unless that would hold more than
-        ``ALL_LAYERS_MAX`` indices; then each layer is built when asked for."""
+        ``ALL_LAYERS_MAX`` indices; then each layer is built when asked for. A decode step of
+        the batch the previous decode plan served, each request one token further, appends
+        its new token's cells to that plan's lists instead (``_DECODE_CSR``)."""
         built = self._layers.get(layer_id)
         if built is not None:
             return built
         R, H, n_layers = len(self.entries), self.n_kv_heads, self.space.n_layers
+        device = self.req_to_token.device
+        if self.decode_only and self._append_step():
+            return self._layers[layer_id]
         if self._kept is None:  # once per plan, whichever path builds the lists
-            self._kept = kept_pieces(self.entries, n_layers, H, self.prefix_slots.device)
+            self._kept = kept_pieces(self.entries, n_layers, H, device)
         mid, lens = self._kept
-        per_layer = H * int(self.prefix_lens.sum() + self.suffix_lens.sum()) + mid.numel() // max(1, n_layers)
+        prefix_slots, prefix_lens, suffix_slots, suffix_lens = self.ranges()
+        per_layer = H * int(prefix_lens.sum() + suffix_lens.sum()) + mid.numel() // max(1, n_layers)
         if R == 0 or per_layer * n_layers > ALL_LAYERS_MAX:
+            _DECODE_CSR.clear()
             lo = int(lens[:layer_id].sum())
-            built = build_pair_indices(H, self.prefix_slots, self.prefix_lens, self.suffix_slots, self.suffix_lens,
+            built = build_pair_indices(H, prefix_slots, prefix_lens, suffix_slots, suffix_lens,
                                        mid[lo:lo + int(lens[layer_id].sum())], lens[layer_id],
                                        cell_base=self.space.base[layer_id])
             self._layers[layer_id] = built
             return built
-        device = self.prefix_slots.device
-        big = build_pair_indices(H, self.prefix_slots.repeat(n_layers), self.prefix_lens.repeat(n_layers),
-                                 self.suffix_slots.repeat(n_layers), self.suffix_lens.repeat(n_layers), mid,
+        big = build_pair_indices(H, prefix_slots.repeat(n_layers), prefix_lens.repeat(n_layers),
+                                 suffix_slots.repeat(n_layers), suffix_lens.repeat(n_layers), mid,
                                  lens.reshape(n_layers * R, H),
                                  cell_base=self.space.base_t.to(device).repeat_interleave(R))
-        n = R * H
-        bounds = big.kv_indptr[::n].tolist()  # each layer's first index (one host sync)
-        for l in range(n_layers):
+        bounds = big.kv_indptr[::R * H].tolist()  # each layer's first index (one host sync)
+        self._split(big, bounds)
+        return self._layers[layer_id]
+
+    def _split(self, big: PairIndices, bounds: list) -> None:
+        n = len(self.entries) * self.n_kv_heads
+        for l in range(self.space.n_layers):
             self._layers[l] = PairIndices(big.kv_indptr[l * n:(l + 1) * n + 1] - bounds[l],
                                           big.kv_indices[bounds[l]:bounds[l + 1]])
-        return self._layers[layer_id]
+        _DECODE_CSR[:] = [self._step_key(), tuple(e.seq_end for e in self.entries), big, bounds] if self.decode_only else []
+
+    def _step_key(self):
+        return (self.space, self.req_to_token, tuple(e.row for e in self.entries),
+                tuple(getattr(e.mid, "key", None) if e.mid is not None else () for e in self.entries))
+
+    def _append_step(self) -> bool:
+        """The previous decode plan's lists plus this step's token (see :meth:`indices`)."""
+        if not _DECODE_CSR:
+            return False
+        key, ends, big, bounds = _DECODE_CSR
+        now = self._step_key()
+        if any(k is None for k in now[3]) or len(key[2]) != len(now[2]) or key[0] is not now[0] or key[1] is not now[1]:
+            return False
+        if key[2] != now[2] or any(len(a) != len(b) or any(x is not y for x, y in zip(a, b)) for a, b in zip(key[3], now[3])):
+            return False
+        if any(e.seq_end != s + 1 for e, s in zip(self.entries, ends)):
+            return False
+        R, H, n_layers = len(self.entries), self.n_kv_heads, self.space.n_layers
+        device = self.req_to_token.device
+        rows = torch.tensor([e.row for e in self.entries], dtype=torch.long, device=device)
+        last = torch.tensor([e.seq_end - 1 for e in self.entries], dtype=torch.long, device=device)
+        slots = self.req_to_token[rows, last].to(torch.long)  # [R]: this step's tokens
+        head = torch.arange(H, device=device)
+        cells = (self.space.base_t.to(device)[:, None, None] + slots[None, :, None] * H + head[None, None, :]).reshape(-1)
+        big = append_pair_cells(big, cells)
+        self._split(big, [b + l * R * H for l, b in enumerate(bounds)])
+        return True
 
 
 # Above this many indices for all layers together, a plan builds each layer's lists on its own.
@@ -160,6 +205,14 @@ class LayoutPlan:
 ALL_LAYERS_MAX = 1 << 22
 # The kept cells of the last batch of keyed entries: (keys, rows, mid cells, lens).
 _KEPT_CACHE: list = []
+# The last decode plan's all-layer CSR: (batch key, seq ends, PairIndices, layer bounds).
+_DECODE_CSR: list = []
+
+
+def forget_decode_steps() -> None:
+    """Called before every extend forward: a row can change hands only through a prefill, so the
+    next decode plan never appends to lists of another request's row."""
+    _DECODE_CSR.clear()
 
 
 def kept_pieces(entries: list, n_layers: int, H: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,7 @@ def enable(flag: bool) -> None:
 def _get():
     global _metrics
     if _metrics is None:
-        from prometheus_client import Counter, Histogram
+        from prometheus_client import Counter, Gauge, Histogram
 
         _metrics = {
             "requests": Counter("sglang:lava_compressed_requests_total", "Requests whose KV cache was compressed", ["policy"]),
@@ -28,6 +28,14 @@ def _get():
                                buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)),
             "seconds": Histogram("sglang:lava_compression_seconds", "Time to score, select, repack and free one request", ["policy"],
                                  buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)),
+            # parked conversations (engine.parking)
+            "parked": Gauge("sglang:lava_parked_conversations", "Parked compressed conversations (idle or borrowed)",
+                            multiprocess_mode="mostrecent"),
+            "parked_slots": Gauge("sglang:lava_parked_slots", "KV slots held by parked conversations",
+                                  multiprocess_mode="mostrecent"),
+            "park_hits": Counter("sglang:lava_park_hits_total", "Requests that continued a parked conversation"),
+            "park_misses": Counter("sglang:lava_park_misses_total", "Requests with parking on that found no parked conversation"),
+            "park_evictions": Counter("sglang:lava_park_evictions_total", "Parked conversations evicted for memory or the cap"),
         }
     return _metrics
 
@@ -41,3 +49,14 @@ def record(report: dict) -> None:
     m["freed"].labels(policy=policy).inc(report["slots_freed"])
     m["ratio"].labels(policy=policy).observe(report["kept_cells"] / max(1, report["private_cells"]))
     m["seconds"].labels(policy=policy).observe(report["compression_ms"] / 1000)
+
+
+def parking(snapshot: dict, event: str | None = None) -> None:
+    """Parked-conversation gauges, and one ``event`` counter (``hits``, ``misses``, ``evictions``)."""
+    if not _enabled:
+        return
+    m = _get()
+    m["parked"].set(snapshot["parked_conversations"])
+    m["parked_slots"].set(snapshot["parked_slots"])
+    if event is not None:
+        m[f"park_{event}"].inc()

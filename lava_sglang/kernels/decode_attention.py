@@ -181,6 +181,23 @@ def build_pair_indices(
     return PairIndices(indptr.to(torch.int32), indices)
 
 
+def append_pair_cells(pairs: PairIndices, cells: Tensor) -> PairIndices:
+    """``pairs`` with ``cells[p]`` appended at the end of pair ``p``'s list (one new cell per
+    pair: the next decode step's own token). O(nnz) copies, no gather and no host sync."""
+    n = pairs.n_pairs
+    device = pairs.kv_indices.device
+    if cells.numel() != n:
+        raise ValueError(f"append_pair_cells: {cells.numel()} cells for {n} pairs")
+    indptr = pairs.kv_indptr + torch.arange(n + 1, dtype=pairs.kv_indptr.dtype, device=device)
+    out = torch.empty(pairs.kv_indices.numel() + n, dtype=pairs.kv_indices.dtype, device=device)
+    ends = indptr[1:].to(torch.long) - 1
+    old = torch.ones(out.numel(), dtype=torch.bool, device=device)
+    old[ends] = False
+    out[old] = pairs.kv_indices
+    out[ends] = cells.to(out.dtype)
+    return PairIndices(indptr, out)
+
+
 def build_pair_indices_from_lists(
     num_kv_heads: int,
     prefix_slots: Sequence[Tensor],

@@ -23,7 +23,7 @@ from lava_sglang.workloads import default_corpus_dir, haystack, load_corpus
 
 pytestmark = pytest.mark.server
 
-# The session tests' server (same flags and environment: one server for both modules).
+# The session tests' server (same flags and environment: this module runs right after theirs, on the same server).
 LAVA = ("--kv-policy", "lava", "--kv-budget", "128", "--enable-streaming-session", "--chunked-prefill-size", "256",
         "--max-total-tokens", "16384")
 ENV = {"LAVA_SGLANG_DEBUG": "1", "SGLANG_REQUEST_STATE_WAIT_TIMEOUT": "1"}

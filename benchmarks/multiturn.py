@@ -154,7 +154,7 @@ def client_config(text: str, default_client: str) -> tuple[str, list[str], str]:
 
 def run_config(name: str, flags: list[str], work: dict, args, model_path: str, client: str) -> dict:
     server_flags = ["--max-total-tokens", str(args.max_total_tokens), "--log-level", "info",
-                    "--decode-log-interval", "1", *flags]
+                    "--decode-log-interval", "1", "--watchdog-timeout", str(args.watchdog_timeout), *flags]
     if client == "session":
         server_flags.append("--enable-streaming-session")
     with Server(model_path, server_flags, startup_timeout=900) as server:
@@ -341,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--corpus", default=None)
     ap.add_argument("--turn-timeout", type=float, default=300.0,
                     help="seconds a turn may take (a conversation that cannot be admitted is recorded as an error)")
+    ap.add_argument("--watchdog-timeout", type=float, default=1800.0,
+                    help="SGLang's scheduler watchdog (s): one CPU forward of a long re-prefill on a busy core can pass its 300 s default")
     ap.add_argument("--quick", action="store_true", help="2 conversations x 3 turns of 150 tokens (a smoke run)")
     ap.add_argument("--micro", action="store_true", help="prefill and decode over a compressed layout vs none at equal batch")
     ap.add_argument("--micro-batch", type=int, default=4)

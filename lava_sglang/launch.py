@@ -99,6 +99,8 @@ class Server:
         self.command = server_command(model_path, self.port, extra_args, cpu)
         self.env = server_env(cpu)
         if core is not None:  # pinned to one CPU core (two CPU servers on one machine must not share cores)
+            if "--max-total-tokens" not in self.command:  # SGLang cannot size the pool of a bound CPU rank
+                raise ValueError("a server pinned to a core needs --max-total-tokens")
             self.command = ["taskset", "-c", str(core), *self.command]
             self.env.update(OMP_NUM_THREADS="1", SGLANG_CPU_OMP_THREADS_BIND=str(core))
         self.startup_timeout = startup_timeout

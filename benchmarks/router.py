@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from benchmarks.serving import parse_config
-from lava_sglang.launch import Router, Server, http_json
+from lava_sglang.launch import Router, Server, http_json, start_all
 from lava_sglang.models import default_model_path
 from lava_sglang.workloads import default_corpus_dir, haystack, load_corpus
 
@@ -34,11 +34,7 @@ def run_policy(policy: str, flags: list[str], args, model_path: str, corpus) -> 
     server_flags = ["--chunked-prefill-size", "256", "--max-total-tokens", str(args.max_total_tokens), *flags]
     workers = [Server(model_path, server_flags, core=c) for c in range(2)]
     try:
-        threads = [threading.Thread(target=w.start) for w in workers]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        start_all(workers)
         with Router([w.url for w in workers], policy) as router:
             rows: dict = {}
 

@@ -220,6 +220,38 @@ class Router(Server):
         self.health_path = "/health"
 
 
+def start_all(servers: list) -> list:
+    """Start ``servers`` at once (each start waits for its server's health); raises the first
+    start-up error, with its server's log, after all have been tried."""
+    import threading
+
+    errors: list = []
+
+    def start(server):
+        try:
+            server.start()
+        except Exception as exc:  # noqa: BLE001 - re-raised below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(s,)) for s in servers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return servers
+
+
+def check_whole(server: "Server", timeout: float = 60.0) -> dict:
+    """Wait until ``server`` is :func:`settled`; raise AssertionError with its accounting unless it
+    is and no slot leaked (for tests and the soak). Returns the accounting."""
+    m = server.wait_settled(timeout)
+    if not (settled(m) and leaked_slots(m) == 0):
+        raise AssertionError(f"server not settled or slots leaked: {m}")
+    return m
+
+
 def flush_cache(url: str) -> None:
     """``POST /flush_cache``: the radix tree and every parked conversation go (waits up to 60 s for
     the server to be idle); raises unless it says it flushed."""

@@ -14,7 +14,7 @@ import threading
 
 import pytest
 
-from lava_sglang.launch import Router, Server, http_json, leaked_slots, settled
+from lava_sglang.launch import Router, Server, check_whole, http_json, start_all
 from lava_sglang.workloads import default_corpus_dir, haystack, load_corpus
 
 pytestmark = pytest.mark.server
@@ -31,14 +31,7 @@ def cluster(model_path):
     workers = [Server(model_path, FLAGS, core=c % (os.cpu_count() or 1)) for c in range(2)]
     router = None
     try:
-        threads = [threading.Thread(target=w.start) for w in workers]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        for w in workers:  # a worker that failed to start raises here, with its log
-            if w.process is None or w.process.poll() is not None:
-                w.start()
+        start_all(workers)
         router = Router([w.url for w in workers], "cache_aware").start()
         yield router, workers
     finally:
@@ -88,7 +81,7 @@ def test_cache_aware_router_keeps_conversations_on_their_parked_state(cluster):
     first = [a["compressed_requests"] - b["compressed_requests"] for a, b in zip(after, before)]
     assert sum(hits) == CONVERSATIONS * (TURNS - 1), hits
     assert all(n > 0 for n in first), first  # both servers took conversations
-    for m in after:
-        assert settled(m) and leaked_slots(m) == 0, m
+    for w in workers:
+        check_whole(w)
     for w in workers:
         assert not w.log_errors(), w.log_tail(40)

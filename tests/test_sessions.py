@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from lava_sglang.launch import http_json, leaked_slots, settled
+from lava_sglang.launch import check_whole, http_json
 from lava_sglang.workloads import default_corpus_dir, haystack, load_corpus
 
 pytestmark = pytest.mark.server
@@ -63,9 +63,7 @@ def conversation(server, turns, n, **custom):
 
 
 def assert_no_leak(server, timeout=60.0):
-    m = server.wait_settled(timeout)
-    assert settled(m) and leaked_slots(m) == 0, m
-    return m
+    return check_whole(server, timeout)
 
 
 def assert_log_clean(server):

@@ -18,7 +18,7 @@ import urllib.request
 
 import pytest
 
-from lava_sglang.launch import http_json, leaked_slots, settled
+from lava_sglang.launch import check_whole, http_json
 from lava_sglang.workloads import default_corpus_dir, haystack, load_corpus
 
 pytestmark = pytest.mark.server
@@ -81,9 +81,7 @@ def new_tokens(r):
 
 
 def assert_no_leak(server, timeout=60.0):
-    m = server.wait_settled(timeout)
-    assert settled(m) and leaked_slots(m) == 0, m
-    return m
+    return check_whole(server, timeout)
 
 
 def assert_log_clean(server):

@@ -30,7 +30,7 @@ prompt; compressed: the slots its report says it holds beyond the shared prefix,
 answer's tokens); the peak of running requests from the scheduler's decode log; parked
 conversations' hits, misses and evictions (the server's counters); conversations resident per
 turn: those whose turn found their whole history in memory (prefilled only the new tokens and
-the previous answer's last token), and its peak over turns 2+. Ratios to
+the previous answer's last token), per turn. Ratios to
 ``none`` are within the run. Writes JSON, a markdown table and a PNG to
 ``benchmarks/results/multiturn/``.
 
@@ -258,7 +258,7 @@ def summarize(result: dict) -> str:
              f"KV pool {a['max_total_tokens']} tokens. Command: `{result['command']}`", "",
              f"Ratios: to `{base['config'] if base else '-'}`.", "",
              "| config | wall s | prefilled tokens / turn (turns 2+) | private slots / conversation at the last turn | "
-             "TTFT p50 / p99 s (turns 2+) | peak running | peak resident | parked hits / misses / evictions | errors |",
+             "TTFT p50 / p99 s (turns 2+) | peak running | conversations resident, turns 2.. | parked hits / misses / evictions | errors |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         later = r["turns"][1:] or r["turns"]
@@ -272,9 +272,7 @@ def summarize(result: dict) -> str:
             ratio = (f" (x{r['wall_s'] / base['wall_s']:.2f})", f" (x{pre / bpre:.2f})",
                      f" (x{slots / base['turns'][-1]['private_slots_mean']:.2f})")
         w, p, s = ratio if ratio else ("", "", "")
-        res = f"{r.get('peak_resident', 0)}"
-        if base is not None and r is not base and base.get("peak_resident"):
-            res += f" (x{r.get('peak_resident', 0) / base['peak_resident']:.2f})"
+        res = " ".join(str(t.get("resident", "-")) for t in r["turns"][1:])
         st = r.get("server_totals") or {}
         park = (f"{st.get('park_hits')} / {st.get('park_misses')} / {st.get('park_evictions')}"
                 if st.get("park_hits") is not None else "-")

@@ -47,9 +47,9 @@ def cluster(model_path):
 
 def test_cache_aware_router_keeps_conversations_on_their_parked_state(cluster):
     """Four conversations of three turns, run concurrently through the router, the client
-    resending the whole text each turn: the first turns spread over both servers, and every
-    later turn lands where its conversation is parked and continues it (a hit), prefilling only
-    its new message. Both servers end settled with no leaked slot."""
+    resending the whole text each turn: every later turn lands where its conversation is parked
+    and continues it (a hit), prefilling only its new message, so each server's hits are two per
+    first turn it took. Both servers end settled with no leaked slot."""
     router, workers = cluster
     corpus = load_corpus(default_corpus_dir())
     before = [w.kv_memory() for w in workers]
@@ -80,7 +80,10 @@ def test_cache_aware_router_keeps_conversations_on_their_parked_state(cluster):
     hits = [a["park_hits"] - b["park_hits"] for a, b in zip(after, before)]
     first = [a["compressed_requests"] - b["compressed_requests"] for a, b in zip(after, before)]
     assert sum(hits) == CONVERSATIONS * (TURNS - 1), hits
-    assert all(n > 0 for n in first), first  # both servers took conversations
+    # Which server takes a first turn is the router's choice (in one run all four went to one):
+    # only that each conversation stays where it started is the plugin's concern.
+    assert sum(first) == CONVERSATIONS and all(h == (TURNS - 1) * n for h, n in zip(hits, first)), (first, hits)
+    print(f"router: first turns per server {first}, parked hits per server {hits}")
     for w in workers:
         check_whole(w)
     for w in workers:

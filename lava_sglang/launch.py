@@ -219,6 +219,22 @@ class Router(Server):
         self.process = None
         self.health_path = "/health"
 
+    def start(self) -> "Router":
+        """Up, and routing: the router answers ``/health`` before its workers are registered (it
+        then answers requests with 503), so a one-token request must get through first."""
+        super().start()
+        deadline = time.time() + self.startup_timeout
+        while True:
+            try:
+                http_json(self.url + "/generate", {"text": "Hello", "sampling_params": {"max_new_tokens": 1}}, timeout=60)
+                return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                if time.time() > deadline:
+                    self.stop()
+                    raise ServerError(f"the router did not route a request within {self.startup_timeout:.0f} s\n"
+                                      f"{self.log_tail()}")
+                time.sleep(1.0)
+
 
 def start_all(servers: list) -> list:
     """Start ``servers`` at once (each start waits for its server's health); raises the first

@@ -266,3 +266,23 @@ def test_parked_memory_is_evicted_before_anything_is_refused_or_retracted(server
     assert metric(text, "sglang:lava_parked_conversations") == after["parked_conversations"]
     assert metric(text, "sglang:lava_parked_slots") == after["parked_slots"]
     assert_log_clean(server)
+
+
+CAPPED = ("--kv-policy", "lava", "--kv-budget", "128", "--chunked-prefill-size", "256", "--max-total-tokens", "8192",
+          "--kv-park-max-slots", "300")
+
+
+def test_park_cap_keeps_parked_slots_under_the_flag(servers, texts):
+    """``--kv-park-max-slots 300``: three compressed conversations of about 135 slots each finish;
+    parking the third evicts the least recently used one (cap, not memory), so parked slots never
+    exceed the cap, and the evicted conversation's next turn is prefilled whole and correct."""
+    server = servers.get_with_env(CAPPED, ENV)
+    convs = [texts(7300 + c, 2) for c in range(3)]
+    first = [send(server, c[0]) for c in convs]
+    m = assert_no_leak(server)
+    assert m["parked_conversations"] == 2 and 0 < m["parked_slots"] <= 300, m
+    assert m["park_evictions"] == 1, m
+    again = send(server, convs[0][0] + first[0]["output_ids"] + convs[0][1])  # the evicted one
+    assert again["meta_info"]["cached_tokens"] < 64 and len(again["output_ids"]) == OUT
+    assert assert_no_leak(server)["parked_slots"] <= 300
+    assert_log_clean(server)

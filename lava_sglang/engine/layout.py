@@ -160,15 +160,15 @@ class LayoutPlan:
                                  lens.reshape(n_layers * R, H),
                                  cell_base=self.space.base_t.to(device).repeat_interleave(R))
         bounds = big.kv_indptr[::R * H].tolist()  # each layer's first index (one host sync)
-        self._split(big, bounds)
+        self._split(big, bounds, self._step_key() if self.decode_only else None)
         return self._layers[layer_id]
 
-    def _split(self, big: PairIndices, bounds: list) -> None:
+    def _split(self, big: PairIndices, bounds: list, key) -> None:
         n = len(self.entries) * self.n_kv_heads
         for l in range(self.space.n_layers):
             self._layers[l] = PairIndices(big.kv_indptr[l * n:(l + 1) * n + 1] - bounds[l],
                                           big.kv_indices[bounds[l]:bounds[l + 1]])
-        _DECODE_CSR[:] = [self._step_key(), tuple(e.seq_end for e in self.entries), big, bounds] if self.decode_only else []
+        _DECODE_CSR[:] = [key, tuple(e.seq_end for e in self.entries), big, bounds] if key is not None else []
 
     def _step_key(self):
         return (self.space, self.req_to_token, tuple(e.row for e in self.entries),
@@ -194,7 +194,7 @@ class LayoutPlan:
         head = torch.arange(H, device=device)
         cells = (self.space.base_t.to(device)[:, None, None] + slots[None, :, None] * H + head[None, None, :]).reshape(-1)
         big = append_pair_cells(big, cells)
-        self._split(big, [b + l * R * H for l, b in enumerate(bounds)])
+        self._split(big, [b + l * R * H for l, b in enumerate(bounds)], now)
         return True
 
 

@@ -11,6 +11,7 @@ import json
 import threading
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -214,3 +215,26 @@ def test_bad_request_settings_are_rejected_and_server_keeps_serving(servers):
         assert exc.value.code == 400
         assert field in exc.value.read().decode()
     assert "Paris" in generate(server, "The capital of France is", max_new_tokens=4)["text"]
+
+
+GOLDEN = Path(__file__).parent / "golden" / "layout_outputs.json"
+
+
+def test_outputs_equal_those_recorded_before_exact_packing(servers):
+    """Every policy under real compression (budgets 64 and 128, prompts of ~900 and ~1500 tokens)
+    gives the greedy output ids recorded by ``tests/golden/record_layout_outputs.py`` on the
+    code before exact packing (``recorded_from_commit``): the memory layout moved every kept
+    cell, the attention over them is the same."""
+    golden = json.loads(GOLDEN.read_text())
+    server = servers.get(*LAVA)
+    assert " ".join(golden["server_flags"]) in " ".join(server.command), server.command  # recorded on the same server
+    server.flush_cache()  # parked conversations of earlier tests: not needed, but a clean pool
+    mismatched = []
+    for case in golden["cases"]:
+        out = generate(server, input_ids=golden["prompts"][case["prompt"]], max_new_tokens=golden["max_new_tokens"],
+                       policy=case["policy"], budget=case["budget"])
+        assert report(out) is not None, (case["policy"], case["budget"], out["meta_info"])
+        if out["output_ids"] != case["output_ids"]:
+            mismatched.append((case["prompt"], case["policy"], case["budget"], out["output_ids"], case["output_ids"]))
+    assert not mismatched, mismatched
+    assert_no_leak(server)

@@ -128,6 +128,24 @@ def test_torch_twin_matches_naive(dtype, g, D, single_shot, monkeypatch):
         assert (out[empty] == 0).all()
 
 
+def test_single_shot_groups_uneven_lists_and_matches_naive():
+    """LAVa-like per-head lists (a few long, most short) are padded in groups of similar length,
+    not all to the longest; the output is the same attention."""
+    from lava_sglang.kernels.decode_attention import _pad_groups
+
+    lens = [700, 650, 260, 240, 120, 110, 100, 60, 55, 50, 40, 30, 20, 9, 3, 1]
+    groups = _pad_groups(lens, 0, len(lens))
+    assert len(groups) > 1 and groups[0][0] == 0 and groups[-1][1] == len(lens)
+    assert all(a < b == c for (a, b), (c, _) in zip(groups, groups[1:] + [(groups[-1][1], None)]))
+    padded = sum((b - a) * lens[a] for a, b in groups)
+    assert padded < 0.5 * len(lens) * lens[0]
+    assert _pad_groups([128] * 12, 0, 12) == [(0, 12)]  # even lists: one group
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v, indptr, indices = make_case(lens[::-1], 3, 64, dtype, seed=7)  # unsorted input order
+        ref = naive_decode(q, k, v, indptr, indices, 0.125)
+        torch.testing.assert_close(paged_decode_attention_torch(q, k, v, indptr, indices, 0.125).float(), ref, **TOL[dtype])
+
+
 def test_torch_twin_int64_indptr_and_int32_indices():
     q, k, v, indptr, indices = make_case([3, 0, 40], 4, 64, torch.float32)
     ref = paged_decode_attention_torch(q, k, v, indptr, indices, 0.125)

@@ -324,13 +324,11 @@ def paged_decode_attention_torch(
     if n_nonempty * max_len * D <= _SINGLE_SHOT_ELEMS:
         # Uneven lists (LAVa's and AdaKV's per-head budgets) padded to the longest would waste
         # most of the gather: pairs in groups of similar length, each padded to its own longest.
-        groups = _pad_groups(lens_host, 0, n_nonempty)
-        if len(groups) > 1:
-            for a, b in groups:
-                _single_shot(qs[a:b], k_flat, v_flat, indices, starts[a:b], lens_sorted[a:b], order[a:b], lens_host[a],
-                             b - a, sm_scale, out)
-            return out.to(q.dtype)
-        return _single_shot(qs, k_flat, v_flat, indices, starts, lens_sorted, order, max_len, n_nonempty, sm_scale, out).to(q.dtype)
+        # (O(pairs) host work per layer on lengths already on the host; one group when even)
+        for a, b in _pad_groups(lens_host, 0, n_nonempty):
+            _single_shot(qs[a:b], k_flat, v_flat, indices, starts[a:b], lens_sorted[a:b], order[a:b], lens_host[a],
+                         b - a, sm_scale, out)
+        return out.to(q.dtype)
 
     key_chunk = max(1, int(key_chunk))
     m = torch.full((n_nonempty, g), float("-inf"), dtype=torch.float32, device=q.device)

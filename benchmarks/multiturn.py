@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import threading
 import time
@@ -55,12 +54,10 @@ from pathlib import Path
 from benchmarks.serving import parse_config, pct
 from lava_sglang.launch import Server, http_json, stream_generate
 from lava_sglang.models import default_model_path
+from lava_sglang.sglang_log import decode_batches, peak_running, prefill_batches, step_times
 from lava_sglang.workloads import default_corpus_dir, haystack, load_corpus
 
 OUT = Path(__file__).resolve().parent / "results" / "multiturn"
-DECODE_LINE = re.compile(r"Decode batch, #running-req: (\d+), #token: (\d+)")
-DECODE_RATE = re.compile(r"Decode batch, #running-req: (\d+),.*?gen throughput \(token/s\): ([\d.]+)")
-PREFILL_LINE = re.compile(r"Prefill batch, #new-seq: (\d+), #new-token: (\d+), #cached-token: (\d+)")
 
 
 def build_workload(tokenizer, corpus, args) -> dict:
@@ -166,7 +163,6 @@ def run_config(name: str, flags: list[str], work: dict, args, model_path: str, c
         wall = run_all(lambda c: run_conversation(server, work, c, args, results, errors, client), args.conversations)
         log = server.log_text()[log_start:]
         info = server.server_info()["internal_states"][0].get("kv_compression", {})
-    running = [int(m.group(1)) for m in DECODE_LINE.finditer(log)]
     per_turn = []
     for t in range(args.turns):
         rows = [conv[t] for conv in results if conv is not None and len(conv) > t]
@@ -180,7 +176,7 @@ def run_config(name: str, flags: list[str], work: dict, args, model_path: str, c
             "resident": sum(1 for r in rows if r.get("resident")),
         })
     return {"config": name, "client": client, "server_flags": server_flags, "wall_s": round(wall, 2), "errors": errors,
-            "peak_running": max(running, default=None), "turns": per_turn, "conversations": results,
+            "peak_running": peak_running(decode_batches(log), default=None), "turns": per_turn, "conversations": results,
             "peak_resident": max((t["resident"] for t in per_turn[1:]), default=0),
             "server_totals": {k: info.get(k) for k in ("continued_turns", "reselections", "earlier_kept_cells_dropped",
                                                         "compressed_requests", "park_hits", "park_misses",
@@ -211,8 +207,8 @@ def run_micro(name: str, flags: list[str], tokenizer, corpus, args, model_path: 
         log = server.log_text()[mark:]
         for s in sessions:
             server.close_session(s)
-    prefills = [tuple(int(x) for x in m.groups()) for m in PREFILL_LINE.finditer(log)]
-    steps = [B / float(m.group(2)) for m in DECODE_RATE.finditer(log) if int(m.group(1)) == B and float(m.group(2)) > 0]
+    prefills = prefill_batches(log)
+    steps = step_times(log, B)
     kv = [(r.get("kv") or {}) for r in first]
     return {
         "config": name, "server_flags": server_flags, "batch": B,

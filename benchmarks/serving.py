@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import statistics
 import sys
 import threading
@@ -31,11 +30,10 @@ from pathlib import Path
 
 from lava_sglang.launch import Server, stream_generate
 from lava_sglang.models import default_model_path
+from lava_sglang.sglang_log import decode_batches, decode_steps, peak_running, peak_usage, step_times
 from lava_sglang.workloads import default_corpus_dir, haystack, load_corpus
 
 OUT = Path(__file__).resolve().parent / "results" / "serving"
-BATCH_LINE = re.compile(r"(Prefill|Decode) batch")
-DECODE_LINE = re.compile(r"Decode batch, #running-req: (\d+), #token: (\d+), token usage: ([\d.]+).*?gen throughput \(token/s\): ([\d.]+)")
 
 
 def parse_config(text: str) -> tuple[str, list[str]]:
@@ -93,19 +91,9 @@ def run_workload(server: Server, prompts: list[list[int]], args) -> dict:
         th.join()
     wall = time.perf_counter() - t0
     log = server.log_text()
-    decode = [tuple(float(x) for x in m.groups()) for m in DECODE_LINE.finditer(log)]
-    # Pure decode steps: a decode batch logged right after another decode batch (with
-    # --decode-log-interval 1 its throughput covers exactly one decode step, no prefill).
-    steps, previous = [], None
-    for line in log.splitlines():
-        kind = BATCH_LINE.search(line)
-        if not kind:
-            continue
-        m = DECODE_LINE.search(line)
-        if kind.group(1) == "Decode" and previous == "Decode" and m and float(m.group(4)) > 0:
-            steps.append((int(m.group(1)), float(m.group(4))))
-        previous = kind.group(1)
-    decode_seconds = sum(n / thr for n, thr in steps)
+    decode = decode_batches(log)
+    steps = decode_steps(log)  # pure decode steps (--decode-log-interval 1), prefill excluded
+    decode_seconds = sum(d.step_s for d in steps)
     out_tokens = sum(r["output_tokens"] for r in results)
     reports = [r["kv_compression"] for r in results if r["kv_compression"]]
     first_token = min(r["start"] + r["ttft"] for r in results)
@@ -116,15 +104,15 @@ def run_workload(server: Server, prompts: list[list[int]], args) -> dict:
         "output_throughput": out_tokens / wall,
         # decode phase alone (on a CPU prefill dominates the wall time): tokens per second of the
         # engine's decode steps, time-weighted, prefill forwards excluded
-        "decode_phase_throughput": (sum(n for n, _ in steps) / decode_seconds) if decode_seconds else None,
+        "decode_phase_throughput": (sum(d.running for d in steps) / decode_seconds) if decode_seconds else None,
         "decode_seconds": decode_seconds,
-        "mean_decode_batch": (statistics.mean(n for n, _ in steps) if steps else None),
+        "mean_decode_batch": (statistics.mean(d.running for d in steps) if steps else None),
         # client view: tokens after each request's first, from the first first token to the last token
         "first_to_last_token_throughput": (out_tokens - len(prompts)) / max(1e-9, last_token - first_token),
         "ttft_p50": pct([r["ttft"] for r in results], 50), "ttft_p99": pct([r["ttft"] for r in results], 99),
         "itl_p50": pct([x for r in results for x in r["itl"]], 50), "itl_p99": pct([x for r in results for x in r["itl"]], 99),
-        "peak_running_requests": int(max((d[0] for d in decode), default=0)),
-        "peak_kv_usage": max((d[2] for d in decode), default=0.0),
+        "peak_running_requests": peak_running(decode),
+        "peak_kv_usage": peak_usage(decode, default=0.0),
         "retractions": sum(r["num_retractions"] for r in results),
         "compression_share_of_prefill": (statistics.median(r["compression_ms"] / r["prefill_ms"] for r in reports) if reports else None),
         "ttfts": [r["ttft"] for r in results],
@@ -140,8 +128,8 @@ def decode_step_time(server: Server, prompts: list[list[int]], batch: int) -> fl
         th.start()
     for th in threads:
         th.join()
-    steps = [d for d in (tuple(float(x) for x in m.groups()) for m in DECODE_LINE.finditer(server.log_text()[mark:])) if int(d[0]) == batch and d[3] > 0]
-    return statistics.median(batch / d[3] for d in steps) if steps else None
+    steps = step_times(server.log_text()[mark:], batch)
+    return statistics.median(steps) if steps else None
 
 
 def plot(results: dict, pool_tokens: int, plt, path: Path) -> None:

@@ -40,11 +40,10 @@ from rich.table import Table
 
 from lava_sglang.launch import Server, ServerError, flush_cache, http_json
 from lava_sglang.models import default_model_path
+from lava_sglang.sglang_log import decode_batches, decode_steps, peak_running, peak_usage
 from lava_sglang.workloads import default_corpus_dir, haystack, load_corpus, passkey_task
 
 OUT = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "demo"
-BATCH_LINE = re.compile(r"(Prefill|Decode) batch")
-DECODE_LINE = re.compile(r"Decode batch, #running-req: (\d+), #token: (\d+), token usage: ([\d.]+).*?gen throughput \(token/s\): ([\d.]+)")
 WHERE = 'Full benchmarks and plots: benchmarks/results/ (memory, quality, serving); README section "Measured".'
 
 
@@ -144,18 +143,10 @@ def run_burst(server: Server, prompts: list[list[int]], output_tokens: int, cust
     if errors:
         raise errors[0]
     log = server.log_text()[mark:]
-    decode = [(int(m.group(1)), float(m.group(3))) for m in DECODE_LINE.finditer(log)]
+    decode = decode_batches(log)
     # Time in decode: a decode batch logged right after another one covers exactly one decode step
     # (--decode-log-interval 1), so its throughput gives that step's time.
-    decode_s, previous = 0.0, None
-    for line in log.splitlines():
-        kind = BATCH_LINE.search(line)
-        if not kind:
-            continue
-        m = DECODE_LINE.search(line)
-        if kind.group(1) == "Decode" and previous == "Decode" and m and float(m.group(4)) > 0:
-            decode_s += int(m.group(1)) / float(m.group(4))
-        previous = kind.group(1)
+    decode_s = sum((d.step_s for d in decode_steps(log)), 0.0)
     held = []
     for r in results:
         rep = (r["meta_info"].get("kv_compression") or [None])[0]
@@ -164,8 +155,8 @@ def run_burst(server: Server, prompts: list[list[int]], output_tokens: int, cust
         "requests": len(prompts),
         "wall_s": wall,
         # the scheduler logs every decode batch (--decode-log-interval 1): exact peaks
-        "peak_running_requests": max((n for n, _ in decode), default=live["peak_polled"]),
-        "peak_pool_use": max((u for _, u in decode), default=None),
+        "peak_running_requests": peak_running(decode, default=live["peak_polled"]),
+        "peak_pool_use": peak_usage(decode),
         "decode_steps": len(decode),
         "decode_s": decode_s,
         "slots_per_request": statistics.mean(held),

@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.quality import fidelity, topk_kl  # noqa: E402
+from benchmarks.quality_bench.metrics import fidelity, topk_kl  # noqa: E402
 from benchmarks.tasks import TASKS, make_samples, score  # noqa: E402
 
 
@@ -54,9 +54,9 @@ def test_fidelity_metrics():
 def test_quality_per_memory(tmp_path, monkeypatch):
     """The per-memory table: a row per (policy, budget), slots recorded and under exact packing
     (prefix + ceil(kept_cells / (layers x heads)), from the report, else the model's layers x heads)."""
-    import benchmarks.quality as q
+    from benchmarks.quality_bench import metrics, plots, report
 
-    monkeypatch.setattr(q, "model_cells_per_slot", lambda: 90)
+    monkeypatch.setattr(metrics, "model_cells_per_slot", lambda: 90)
     summary = {"300": {"passkey": {"n": 3, "accuracy": 50.0}, "fidelity": {"n": 3, "token_match": 40.0, "kl": 0.1},
                        "mean": {"accuracy": 50.0}}}
     rec = lambda report, **kw: {"task": "passkey", "seed": 0, "n_tokens": 300, "prompt_tokens": 300,  # noqa: E731
@@ -71,15 +71,15 @@ def test_quality_per_memory(tmp_path, monkeypatch):
                                 "shared_prefix_tokens": 0, "slots_held": 70}),  # 64
                            rec({"kept_cells": 180, "slots_held": 5})]},  # 0 + 2, layers x heads of the model
                        "lava@128": {"summary": summary, "records": [rec({"slots_held": 140})]}}}  # no kept_cells
-    assert [q.exact_slots_held(r) for r in result["runs"]["lava@64"]["records"]] == [75, 64, 2]
-    lines = q._memory_lines(result, 300)
+    assert [metrics.exact_slots_held(r) for r in result["runs"]["lava@64"]["records"]] == [75, 64, 2]
+    lines = report._memory_lines(result, 300)
     rows = [line for line in lines if line.startswith("| ") and not line.startswith("| policy")]
     assert rows == ["| none (full cache) | - | 50 | 40 | 0.100 | 300.0 | 300.0 |",
                     "| lava | 64 | 50 | 40 | 0.100 | 51.7 | 47.0 |",
                     "| lava | 128 | 50 | 40 | 0.100 | 140.0 | - |"]
     assert lines[0] == "## Quality per KV memory, 300-token prompts"
     assert any("keep no `kept_cells`" in line for line in lines)
-    assert q.write_memory_plot(result, tmp_path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plots.write_memory_plot(result, tmp_path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 class _FakeServer:
@@ -101,6 +101,15 @@ class _FakeServer:
 
     def stop(self):
         pass
+
+    def open_session(self, capacity):
+        sid = f"s{len(_FakeServer.sessions) + len(_FakeServer.closed)}"
+        _FakeServer.sessions[sid] = 0
+        return sid
+
+    def close_session(self, sid):
+        del _FakeServer.sessions[sid]
+        _FakeServer.closed.append(sid)
 
     def generate(self, text=None, max_new_tokens=16, input_ids=None, **kwargs):
         custom = kwargs.get("sampling_params", {}).get("custom_params", {})
@@ -132,26 +141,13 @@ class _FakeServer:
 
 def _fake_hf(monkeypatch):
     import benchmarks.kvpress_reference as kr
-    import benchmarks.quality as q
-    import lava_sglang.launch as launch
+    from benchmarks.quality_bench import client, runner
 
     _FakeServer.started, _FakeServer.sessions, _FakeServer.closed, _FakeServer.calls = [], {}, [], []
-
-    def open_session(server):
-        sid = f"s{len(_FakeServer.sessions) + len(_FakeServer.closed)}"
-        _FakeServer.sessions[sid] = 0
-        return sid
-
-    def close_session(server, sid):
-        del _FakeServer.sessions[sid]
-        _FakeServer.closed.append(sid)
-
-    monkeypatch.setattr(launch, "Server", _FakeServer)
-    monkeypatch.setattr(q, "open_session", open_session)
-    monkeypatch.setattr(q, "close_session", close_session)
+    monkeypatch.setattr(runner, "Server", _FakeServer)
     monkeypatch.setattr(kr, "load_hf", lambda *a, **k: (None, None))
-    monkeypatch.setattr(q, "run_hf_reference", lambda model, tok, samples, modes, protocol, log=print: {
-        key: q.run_server_samples(_FakeServer(None, [] if mode == "none" else ["lava"]), samples, key, log)
+    monkeypatch.setattr(runner, "run_hf_reference", lambda model, tok, samples, modes, protocol, log=print: {
+        key: client.run_server_samples(_FakeServer(None, [] if mode == "none" else ["lava"]), samples, key, log)
         for key, (mode, budget, window) in modes.items()})
 
 
@@ -221,12 +217,13 @@ def test_query_agnostic_protocol_and_old_results(tmp_path, monkeypatch):
     import gzip
 
     import benchmarks.quality as q
+    from benchmarks.quality_bench.report import FULL_RESULT
 
     _fake_hf(monkeypatch)
     common = ["--per-request", "--policies", "none", "lava", "--budgets", "64", "--lengths", "300", "--samples", "2",
               "--tasks", "passkey", "fidelity", "--no-kvpress"]
     assert q.main(common + ["--out", str(tmp_path / "old")]) == 0
-    full = tmp_path / "old" / q.FULL_RESULT
+    full = tmp_path / "old" / FULL_RESULT
     old = json.loads(gzip.decompress(full.read_bytes()))
     for field in ("protocols", "agnostic_question"):  # an older file
         old["config"].pop(field)

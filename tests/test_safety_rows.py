@@ -1,0 +1,128 @@
+"""Safety (issue 26 / 25), cases 3, 7 and 11: parked conversations and the scheduler's rows,
+its ``lpm`` policy and the ``--kv-park-max-slots`` cap. Helpers: ``test_safety.py``."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from test_safety import assert_survives, generate, ids_of, ok, report, server_for, whole
+
+pytestmark = pytest.mark.server
+
+LAVA = ("--kv-policy", "lava", "--kv-budget", "128")
+ROWS = (*LAVA, "--max-running-requests", "2")
+
+
+# --------------------------------------------------------------------------------------------
+# case 3: parked conversations must not hold the rows a new request needs
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("park", [True, False], ids=["parked", "no_park_control"])
+def test_case3_parked_conversations_give_their_rows_to_a_new_request(servers, tokenizer, corpus, park):
+    """``--max-running-requests 2``: two distinct ~1500-token compressed requests finish (and are
+    parked); a third distinct one is served within 90 s. ``--no-kv-park`` is the control (nothing
+    parked: served on any code). ``/server_info`` reports ``parked_conversations`` and the cap
+    ``park_max_conversations``, which they never exceed."""
+    server = server_for(servers, ROWS if park else (*ROWS, "--no-kv-park"))
+    seed = 26600 if park else 26650
+    for k in range(2):
+        out = ok(generate(server, ids_of(tokenizer, corpus, 1500, seed + k), timeout=300))
+        assert report(out) is not None, out["meta_info"]
+    m = whole(server)
+    if park:
+        assert m["parked_conversations"] >= 1, m
+        assert "park_max_conversations" in m, m
+        assert m["parked_conversations"] <= m["park_max_conversations"], m
+    else:
+        assert m["parked_conversations"] == 0, m
+    started = time.time()
+    third = ok(generate(server, ids_of(tokenizer, corpus, 1500, seed + 2), timeout=90))
+    assert time.time() - started < 90 and len(third["output_ids"]) == 8
+    m = assert_survives(server)
+    if park:
+        assert m["parked_conversations"] <= m["park_max_conversations"], m
+
+
+def test_case3_parked_conversations_give_their_rows_to_concurrent_requests(servers, tokenizer, corpus):
+    """The same with two new requests at once (both rows are wanted while conversations are
+    parked): both are served within 120 s."""
+    server = server_for(servers, ROWS)
+    for k in range(2):
+        ok(generate(server, ids_of(tokenizer, corpus, 1500, 26700 + k), timeout=300))
+    whole(server)
+    results = {}
+
+    def run(k):
+        results[k] = generate(server, ids_of(tokenizer, corpus, 1500, 26710 + k), timeout=120)
+
+    started = time.time()
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(150)
+    assert time.time() - started < 150
+    for k in range(2):
+        assert len(ok(results[k])["output_ids"]) == 8
+    assert_survives(server)
+
+
+# --------------------------------------------------------------------------------------------
+# case 7: --schedule-policy lpm and a continued turn asking for prompt logprobs
+# --------------------------------------------------------------------------------------------
+
+# Case 11's cap shares the server: it caps what case 7's conversation holds, nothing else.
+LPM = (*LAVA, "--schedule-policy", "lpm", "--kv-park-max-slots", "300")
+
+
+def test_case7_lpm_continued_turn_with_prompt_logprobs(servers, tokenizer, corpus):
+    """``--schedule-policy lpm``: a ~2500-character prompt is parked; its next turn (history, answer,
+    new question) asks for ``return_logprob`` from ``logprob_start_len`` 0. Served (200, all its
+    tokens) and the server survives with nothing leaked."""
+    server = server_for(servers, LPM)
+    ids = ids_of(tokenizer, corpus, 600, 26801)
+    r1 = ok(generate(server, ids, max_new_tokens=16))
+    assert report(r1) is not None, r1["meta_info"]
+    whole(server)
+    turn = ids + r1["output_ids"] + ids_of(tokenizer, corpus, 120, 26802)
+    r2 = ok(generate(server, turn, max_new_tokens=16, top={"return_logprob": True, "logprob_start_len": 0}))
+    assert len(r2["output_ids"]) == 16, r2["meta_info"]
+    assert r2["meta_info"].get("output_token_logprobs"), list(r2["meta_info"])
+    assert_survives(server)
+
+
+# --------------------------------------------------------------------------------------------
+# case 11: a conversation that grows past --kv-park-max-slots
+# --------------------------------------------------------------------------------------------
+
+CAP = 300
+
+
+def test_case11_growing_conversation_is_not_kept_parked_past_the_cap(servers, tokenizer, corpus):
+    """``--kv-park-max-slots 300``: one conversation continued turn after turn with messages
+    shorter than the window (no re-selection: what it holds grows by each turn's tokens). Once
+    it holds more than 300 slots it is not kept parked: ``parked_slots`` never exceeds 300, and
+    the server survives with nothing leaked."""
+    server = server_for(servers, LPM)
+    server.flush_cache()
+    m = whole(server)
+    assert m["parked_slots"] == 0, m
+    history = ids_of(tokenizer, corpus, 600, 26901)
+    news = ids_of(tokenizer, corpus, 400, 26902)
+    held, parked = [], []
+    for turn in range(16):
+        out = ok(generate(server, history, max_new_tokens=8, budget=200))
+        kv = report(out)
+        assert kv is not None, (turn, out["meta_info"])
+        held.append(kv["slots_held"])
+        m = whole(server)
+        parked.append(m["parked_slots"])
+        assert m["parked_slots"] <= CAP, (turn, held, parked, m)
+        if held[-1] > CAP + 40:
+            break
+        history = history + out["output_ids"] + news[turn * 12:(turn + 1) * 12]
+    assert max(held) > CAP, ("the conversation never grew past the cap", held, parked)
+    assert max(parked) <= CAP, (held, parked)
+    assert_survives(server)

@@ -25,7 +25,6 @@ def _variants():
     """(name, kernel body, signature of the non-constexpr args, constexprs, (backend, arch))."""
     from lava_sglang.kernels import _triton_decode as dec
     from lava_sglang.kernels import _triton_repack as rep
-    from lava_sglang.kernels import _triton_window_scores as ws
 
     ty = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
     out = []
@@ -48,27 +47,6 @@ def _variants():
             for si, di in ((True, False), (False, True)):
                 out.append((f"repack-{dt}-{'gather' if si else 'scatter'}-sm{arch}", rep._move_cells, sig,
                             dict(SRC_INDEXED=si, DST_INDEXED=di, BLOCK_R=16, BLOCK_D=128), arch))
-            for g, D in ((1, 64), (3, 64), (8, 128)) if arch == 80 else ((3, 64), (8, 128)):
-                BG = 1 << (g - 1).bit_length()
-                common = dict(SPLITS=4, BLOCK_G=BG, BLOCK_W=max(32, 16 // BG), BLOCK_N=32, BLOCK_D=D,
-                              FP32_DOT=dt == "fp32")
-                sig = dict(Q=t, QIndptr="*i64", K=t, V=t, KSlots="*i64", KIndptr="*i64", Prefix="*i32",
-                           StatM="*fp32", StatL="*fp32", VMax="*fp32", sm_scale="fp32", G="i32", D="i32",
-                           stride_qt="i32", stride_qh="i32", stride_ks="i32", stride_kh="i32", stride_vs="i32",
-                           stride_vh="i32")
-                out.append((f"ws_stats-{dt}-g{g}-D{D}-sm{arch}", ws._ws_stats, sig, dict(VALUE_NORM=True, **common), arch))
-                sig = dict(Q=t, QIndptr="*i64", K=t, KSlots="*i64", KIndptr="*i64", Prefix="*i32", ExtIndptr="*i64",
-                           StatM="*fp32", StatL="*fp32", A="*fp32", sm_scale="fp32", G="i32", D="i32",
-                           stride_qt="i32", stride_qh="i32", stride_ks="i32", stride_kh="i32")
-                out.append((f"ws_mean-{dt}-g{g}-D{D}-sm{arch}", ws._ws_mean, sig, dict(HALF=3, **common), arch))
-        for g in (1, 3, 8) if arch == 80 else (8,):
-            BG = 1 << (g - 1).bit_length()
-            sig = dict(A="*fp32", QIndptr="*i64", KIndptr="*i64", Prefix="*i32", ExtIndptr="*i64", OutIndptr="*i64",
-                       VMax="*fp32", Out="*fp32", G="i32")
-            for pm, gm, vn in ((True, True, True), (False, False, False)):
-                out.append((f"ws_pool-g{g}-{'max' if pm else 'avg'}-sm{arch}", ws._ws_pool, sig,
-                            dict(KSIZE=7, POOL_MAX=pm, GQA_MAX=gm, VALUE_NORM=vn, SPLITS=4, BLOCK_G=BG, BLOCK_N=64),
-                            arch))
     return out
 
 

@@ -48,13 +48,13 @@ import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from lava_sglang.kernels import dispatch  # noqa: E402
-from lava_sglang.kernels.decode_attention import (  # noqa: E402
+from lava_sglang.kernels.decode_attention import paged_decode_attention, paged_decode_attention_torch  # noqa: E402
+from lava_sglang.kernels.pair_indices import (  # noqa: E402
     PairIndices,
+    append_pair_cells,
     build_pair_indices,
     build_pair_indices_from_lists,
     gather_row_ranges,
-    paged_decode_attention,
-    paged_decode_attention_torch,
 )
 
 TOL = {
@@ -266,7 +266,6 @@ def test_build_pair_indices_matches_loop(H):
 
 
 def test_append_pair_cells_adds_one_cell_at_the_end_of_every_list():
-    from lava_sglang.kernels.decode_attention import append_pair_cells
 
     lists = [[5, 6], [], [7], [8, 9, 10]]
     for dt in (torch.int64, torch.int32):
@@ -364,7 +363,7 @@ def test_dispatch(monkeypatch):
     with pytest.raises(ValueError):
         dispatch.resolve_impl("decode", cpu)
     monkeypatch.setenv(dispatch.ENV_VAR, "auto")
-    assert dispatch.resolve_impl("window_scores", cpu) == "torch"
+    assert dispatch.resolve_impl("repack", cpu) == "torch"
     if not torch.cuda.is_available():
         assert not dispatch.flashinfer_available()
     else:
@@ -385,7 +384,7 @@ def test_no_flashinfer_or_sglang_import_on_cpu():
     import subprocess
     import sys
 
-    code = ("import sys, torch; import lava_sglang.kernels as K; from lava_sglang.kernels import flashinfer_decode; from lava_sglang.kernels.window_scores import window_scores;"
+    code = ("import sys, torch; import lava_sglang.kernels as K; from lava_sglang.kernels import flashinfer_decode;"
             "q=torch.randn(2,2,64); k=torch.randn(9,64); ip=torch.tensor([0,2,3]); ix=torch.tensor([1,2,3]);"
             "ref=K.paged_decode_attention(q,k,k,ip,ix,0.1);"
             "print('flashinfer' in sys.modules, 'sglang' in sys.modules, 'triton.language' in sys.modules);"
@@ -444,7 +443,6 @@ def test_interpreter_env_mode():
     code = """
 import torch
 import lava_sglang.kernels as K
-from lava_sglang.kernels.window_scores import window_scores
 g = torch.Generator().manual_seed(0)
 q = torch.randn(3, 4, 64, generator=g, dtype=torch.float16); k = torch.randn(40, 64, generator=g, dtype=torch.float16)
 ip = torch.tensor([0, 5, 5, 30]); ix = torch.randint(0, 40, (30,), generator=g)
@@ -454,15 +452,10 @@ ok1 = torch.allclose(a.float(), b.float(), atol=4e-3, rtol=4e-3)
 k1, k2 = k.clone(), k.clone(); src = torch.tensor([5, 6, 30]); dst = torch.tensor([6, 30, 2])
 K.repack_cells(k1, k1, src, dst, impl="torch"); K.repack_cells(k2, k2, src, dst, impl="triton")
 ok2 = torch.equal(k1, k2)
-qw = torch.randn(8, 6, 64, generator=g); kb = torch.randn(60, 2, 64, generator=g)
-args = (qw, torch.tensor([0, 8]), kb, kb, torch.arange(60), torch.tensor([0, 60]), [5])
-x = window_scores(*args, gqa="max", value_norm=True, impl="torch")[0]
-y = window_scores(*args, gqa="max", value_norm=True, impl="triton")[0]
-ok3 = torch.allclose(x, y, rtol=1e-4, atol=1e-7)
-print(ok1, ok2, ok3)
+print(ok1, ok2)
 """
     env = {k: v for k, v in os.environ.items() if k != dispatch.ENV_VAR}
     env["TRITON_INTERPRET"] = "1"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.split() == ["True", "True", "True"], res.stdout
+    assert res.stdout.split() == ["True", "True"], res.stdout

@@ -22,8 +22,9 @@ import torch
 
 from lava_sglang.kernels import dispatch
 from lava_sglang.kernels._triton_utils import triton_available
-from lava_sglang.kernels.decode_attention import build_pair_indices, gather_row_ranges, paged_decode_attention_torch
-from lava_sglang.kernels.extend_attention import _extend_lengths, paged_extend_attention, paged_extend_attention_torch
+from lava_sglang.kernels.decode_attention import paged_decode_attention_torch
+from lava_sglang.kernels.extend_attention import paged_extend_attention, paged_extend_attention_torch
+from lava_sglang.kernels.pair_indices import build_pair_indices, extend_lengths, gather_row_ranges
 from lava_sglang.kernels.flashinfer_extend import flashinfer_extend_plan_args
 
 TOL = {
@@ -182,8 +183,8 @@ def test_errors():
     with pytest.raises(ValueError, match="decreases at pair 1"):
         f(q, k, v, torch.tensor([0, 7, 2]), torch.tensor([0, 9, 9]), idx, 0.1)
     with pytest.raises(ValueError, match="start at 0"):
-        _extend_lengths(torch.tensor([1, 7]), torch.tensor([0, 9]))
-    lens = _extend_lengths(qo, kv.long(), 7)
+        extend_lengths(torch.tensor([1, 7]), torch.tensor([0, 9]))
+    lens = extend_lengths(qo, kv.long(), 7)
     assert lens.qo_lens == [2, 5] and lens.kv_lens == [4, 9] and lens.qo_starts == [0, 2] and lens.max_qo == 5
 
 

@@ -21,6 +21,7 @@ from lava_sglang.engine.cells import pool_cells
 from lava_sglang.engine.continuation import reselect
 from lava_sglang.engine.layout import LayoutEntry, LayoutPlan, attend, state_mid, uncompressed_entry
 from lava_sglang.engine.state import PendingRequest
+from lava_sglang.kernels.pair_indices import build_pair_indices
 
 N_LAYERS, HKV, G, D = 3, 2, 3, 16
 HQ = HKV * G
@@ -251,7 +252,6 @@ def test_rewind_reads_the_recomputed_last_token_instead_of_its_kept_cell():
 
 def test_all_layers_in_one_build_equal_one_build_per_layer(monkeypatch):
     import lava_sglang.engine.layout as LY
-    from lava_sglang.kernels.decode_attention import build_pair_indices
 
     pool, req_to_token, state, _, _ = compressed_row(extra=5)
     space = pool_cells(pool)
@@ -293,7 +293,6 @@ def test_next_decode_step_appends_to_the_previous_lists_and_equals_a_full_build(
     appends the new tokens' cells to the previous all-layer lists; they equal a full build. A
     changed batch, a skipped step, an extend forward in between or a changed state builds afresh."""
     import lava_sglang.engine.layout as LY
-    from lava_sglang.kernels.decode_attention import build_pair_indices
 
     pool, req_to_token, state, _, _ = compressed_row(extra=6)
     space = pool_cells(pool)

@@ -1,7 +1,7 @@
 """Queries over a compressed layout: the one path for decode, for extend forwards of a
 conversation that continues over its compressed cache, and for the retraction replay.
 
-What a request's row of ``req_to_token`` holds, as this module reads it (DESIGN.md section 5):
+What a request's row of ``req_to_token`` holds, as this module reads it (``docs/design.md``, "Memory layout" and "Decode index"):
 
 * ``row[0:P]``: the prefix, read by every KV head (the tree-shared prefix of a compressed
   request; the whole sequence of an uncompressed one, with ``P = L = S``);
@@ -17,7 +17,7 @@ One :class:`LayoutEntry` per request (or per segment of a request's queries) in 
 In layer ``l``, KV head ``h`` its queries attend to ``row[0:P]``, ``mid(l)[h]`` and
 ``row[L:S]``, causally (query ``i`` of ``n_q`` sees all but the last ``n_q - 1 - i`` cells).
 :class:`LayoutPlan` gathers the row ranges of a batch once and builds each layer's CSR cell
-lists with :func:`lava_sglang.kernels.decode_attention.build_pair_indices` (the one index
+lists with :func:`lava_sglang.kernels.pair_indices.build_pair_indices` (the one index
 builder); :func:`attend` runs the decode kernel when every entry has one query, the extend
 kernel otherwise (batched torch on CPU, Triton / FlashInfer on CUDA: see ``kernels/``).
 
@@ -33,14 +33,10 @@ from typing import Callable, Optional
 import torch
 
 from lava_sglang.engine.cells import CellSpace
-from lava_sglang.kernels.decode_attention import (
-    PairIndices,
-    append_pair_cells,
-    build_pair_indices,
-    gather_row_ranges,
-    paged_decode_attention,
-)
+from lava_sglang.kernels.decode_attention import paged_decode_attention
 from lava_sglang.kernels.extend_attention import paged_extend_attention
+from lava_sglang.kernels.pair_indices import PairIndices, append_pair_cells, build_pair_indices, gather_row_ranges
+from lava_sglang.kernels.threads import cpu_threads_for
 
 # layer id -> (cells [sum(lens)] int64 head-major, lens [Hkv] int64), or None: no kept cells
 MidFn = Callable[[int], Optional[tuple]]
@@ -251,11 +247,20 @@ def save_kv(layer, k, v, out_cache_loc, pool) -> None:
 
 def attend(layer, q: torch.Tensor, plan: LayoutPlan, pool, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention of the plan's queries over their layouts, written into ``out``'s rows
-    (``[T, Hq * Dv]``; a new tensor of ``T = plan.n_tokens`` rows when None)."""
+    (``[T, Hq * Dv]``; a new tensor of ``T = plan.n_tokens`` rows when None). On CPU the index
+    work and a small layer's attention run on one intra-op thread (``kernels.threads``: with
+    busy cores each of their ~20 small parallel ops per layer would wait for a descheduled
+    worker, seconds per decode step; issue 25, case 5)."""
+    with cpu_threads_for(0, q.device):  # index building: small integer ops
+        pairs = plan.indices(layer.layer_id)
+    with cpu_threads_for(pairs.kv_indices.numel() * layer.qk_head_dim + q.numel(), q.device):
+        return _attend(layer, q, plan, pairs, out)
+
+
+def _attend(layer, q, plan, pairs, out):
     Hq, Hkv, D, Dv = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim, layer.v_head_dim
     g = Hq // Hkv
     k_flat, v_flat = plan.space.k_flat, plan.space.v_flat
-    pairs = plan.indices(layer.layer_id)
     q3 = q.reshape(-1, Hq, D)
     if out is None:
         out = q.new_empty((q3.shape[0], Hq * Dv))

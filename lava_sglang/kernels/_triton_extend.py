@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ._triton_utils import cdiv, dot_in_fp32, kernel, next_pow2
+from .pair_indices import extend_lengths
 
 NEG_BIG = tl.constexpr(-1.0e30)
 
@@ -131,9 +132,7 @@ def paged_extend_attention_triton(
     Dv = v_flat.shape[-1]
     n_pairs = qo_indptr.numel() - 1
     if check or max_qo_len is None:
-        from .extend_attention import _extend_lengths
-
-        lens = _extend_lengths(qo_indptr, kv_indptr, nq_total)
+        lens = extend_lengths(qo_indptr, kv_indptr, nq_total)
         if max_qo_len is None:
             max_qo_len = lens.max_qo
     out = torch.empty((nq_total, g, Dv), dtype=q.dtype, device=q.device)

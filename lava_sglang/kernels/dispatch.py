@@ -8,7 +8,7 @@ Order of precedence:
    attention when ``flashinfer`` imports (and the cache is not fp32), else ``"triton"``.
 
 Only decode and extend attention have a FlashInfer implementation; for the other operations
-(repack, window scores) a request for ``"flashinfer"`` means "the GPU path" and resolves
+(repack) a request for ``"flashinfer"`` means "the GPU path" and resolves
 to ``"triton"``. ``"triton"`` on CPU tensors runs the Triton interpreter (slow, for tests).
 ``"flashinfer"`` on CPU tensors is an error.
 
@@ -29,7 +29,6 @@ OPS = {
     "decode": ("torch", "triton", "flashinfer"),
     "extend": ("torch", "triton", "flashinfer"),
     "repack": ("torch", "triton"),
-    "window_scores": ("torch", "triton"),
 }
 
 

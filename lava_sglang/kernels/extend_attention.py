@@ -4,7 +4,7 @@ single-head view: many query tokens per pair, causal aligned to the END of the l
 Layout: as :mod:`.decode_attention` (read its docstring first). A *pair* is (request ``r``,
 KV head ``h``), pair index ``r * Hkv + h``; its keys are the CSR list of cells
 ``kv_indices[kv_indptr[p]:kv_indptr[p + 1]]`` of ``k_flat = k_buffer[l].view(-1, D)`` (built
-by :func:`.decode_attention.build_pair_indices`). Its queries are the rows
+by :func:`.pair_indices.build_pair_indices`). Its queries are the rows
 ``q[qo_indptr[p]:qo_indptr[p + 1]]`` of ``q [nq_total, g, D]`` (pair-major, the ``g`` query
 heads of that KV group per row). For SGLang's extend batch ``q [T, Hq, D]`` of a request
 with ``n`` new tokens the pair rows are ``q_r.view(n, Hkv, g, D).transpose(0, 1)``,
@@ -39,12 +39,12 @@ Engine-free: never imports SGLang.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import Tensor
 
 from .dispatch import resolve_impl
+from .pair_indices import extend_lengths
+from .threads import cpu_threads_for
 
 __all__ = ["paged_extend_attention", "paged_extend_attention_torch"]
 
@@ -64,52 +64,6 @@ _SINGLE_SHOT_KEY_ELEMS = 1 << 23
 # Scores per tile of the chunked path (pairs x query rows x g x keys): 512K fp32 = 2 MB, so
 # a tile's softmax stays in cache.
 _TILE_ELEMS = 1 << 19
-
-
-class _ExtendLengths(NamedTuple):
-    """Host copies of the per-pair lengths (Python lists), checked."""
-
-    qo_starts: list
-    qo_lens: list
-    kv_lens: list
-
-    @property
-    def max_qo(self) -> int:
-        return max(self.qo_lens, default=0)
-
-
-def _extend_lengths(qo_indptr: Tensor, kv_indptr: Tensor, nq_total: int | None = None) -> _ExtendLengths:
-    """Reads both CSR indptrs to the host (one sync on a GPU) and checks them: same number of
-    pairs, non-decreasing, ``qo_indptr[-1] == nq_total`` (when given) and ``kv_len >= qo_len``
-    for every pair. Raises ``ValueError`` naming the offending pair."""
-    if qo_indptr.dim() != 1 or kv_indptr.dim() != 1:
-        raise ValueError(f"qo_indptr / kv_indptr must be 1-D; got {tuple(qo_indptr.shape)}, {tuple(kv_indptr.shape)}")
-    if qo_indptr.numel() != kv_indptr.numel():
-        raise ValueError(f"qo_indptr has {qo_indptr.numel()} entries but kv_indptr has {kv_indptr.numel()} (both n_pairs + 1)")
-    if qo_indptr.numel() == 0:
-        raise ValueError("qo_indptr / kv_indptr need n_pairs + 1 >= 1 entries")
-    qo = qo_indptr.detach().to("cpu", torch.long)
-    kv = kv_indptr.detach().to("cpu", torch.long)
-    qo_lens_t = qo[1:] - qo[:-1]
-    kv_lens_t = kv[1:] - kv[:-1]
-    if int(qo[0]) != 0 or int(kv[0]) != 0:
-        raise ValueError(f"qo_indptr and kv_indptr must start at 0; got {int(qo[0])}, {int(kv[0])}")
-    if (qo_lens_t < 0).any():
-        p = int(torch.nonzero(qo_lens_t < 0)[0])
-        raise ValueError(f"qo_indptr decreases at pair {p}")
-    if (kv_lens_t < 0).any():
-        p = int(torch.nonzero(kv_lens_t < 0)[0])
-        raise ValueError(f"kv_indptr decreases at pair {p}")
-    if nq_total is not None and int(qo[-1]) != int(nq_total):
-        raise ValueError(f"qo_indptr[-1] = {int(qo[-1])} but q has {int(nq_total)} rows")
-    bad = kv_lens_t < qo_lens_t
-    if bad.any():
-        p = int(torch.nonzero(bad)[0])
-        raise ValueError(
-            f"pair {p}: {int(qo_lens_t[p])} queries but only {int(kv_lens_t[p])} cells "
-            "(extend attention needs kv_len >= qo_len: the list must end with the new tokens' cells)"
-        )
-    return _ExtendLengths(qo[:-1].tolist(), qo_lens_t.tolist(), kv_lens_t.tolist())
 
 
 def _one_shot(qs, k_flat, v_flat, indices, kv_starts, kv_lens, lim, max_len):
@@ -155,11 +109,17 @@ def paged_extend_attention_torch(
     (``bmm`` + online-softmax update, in place), restricted to the rows that can see a key of
     the chunk (the causal mask hides a chunk from the early queries of a pair whose new
     tokens come after it), and tiles every row of which sees the whole chunk skip the mask.
+    Small problems run on one intra-op thread (:mod:`.threads`).
     """
+    with cpu_threads_for(kv_indices.numel() * q.shape[-1] + q.numel(), q.device):
+        return _extend_torch(q, k_flat, v_flat, qo_indptr, kv_indptr, kv_indices, sm_scale, key_chunk)
+
+
+def _extend_torch(q, k_flat, v_flat, qo_indptr, kv_indptr, kv_indices, sm_scale, key_chunk):
     nq_total, g, D = q.shape
     Dv = v_flat.shape[-1]
     device = q.device
-    lens = _extend_lengths(qo_indptr, kv_indptr, nq_total)
+    lens = extend_lengths(qo_indptr, kv_indptr, nq_total)
     out = torch.zeros((nq_total, g, Dv), dtype=q.dtype, device=device)
     active = [p for p, nq in enumerate(lens.qo_lens) if nq > 0]
     if not active:

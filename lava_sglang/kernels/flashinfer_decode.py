@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .decode_attention import PairIndices
+from .pair_indices import PairIndices
 
 __all__ = ["FlashInferPairDecoder", "paged_decode_attention_flashinfer"]
 

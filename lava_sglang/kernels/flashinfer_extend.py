@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from .flashinfer_decode import _workspace
+from .pair_indices import extend_lengths
 
 __all__ = [
     "ExtendPlanArgs",
@@ -58,13 +59,11 @@ def flashinfer_extend_plan_args(qo_indptr: Tensor, kv_indptr: Tensor, kv_indices
     """Pure host-side preparation of the ``plan`` index arguments for the pair layout
     (page_size 1, one KV head per pair). No flashinfer import; runs on CPU tensors.
 
-    ``check``: validate the lengths (:func:`.extend_attention._extend_lengths`; one host read)."""
+    ``check``: validate the lengths (:func:`.pair_indices.extend_lengths`; one host read)."""
     if device is None:
         device = kv_indices.device
     if check:
-        from .extend_attention import _extend_lengths
-
-        _extend_lengths(qo_indptr, kv_indptr)
+        extend_lengths(qo_indptr, kv_indptr)
     qo = qo_indptr.to(device=device, dtype=torch.int32)
     kv = kv_indptr.to(device=device, dtype=torch.int32)
     idx = kv_indices.to(device=device, dtype=torch.int32)
@@ -114,11 +113,9 @@ class FlashInferPairExtender:
 def paged_extend_attention_flashinfer(q: Tensor, k_flat: Tensor, v_flat: Tensor, qo_indptr: Tensor,
                                       kv_indptr: Tensor, kv_indices: Tensor, sm_scale: float) -> Tensor:
     """One-shot plan + run with a cached extender per (device, g, D, Dv, dtypes)."""
-    from .extend_attention import _extend_lengths
-
     nq_total, g, D = q.shape
     Dv = v_flat.shape[-1]
-    _extend_lengths(qo_indptr, kv_indptr, nq_total)  # raises on bad lengths (one host read)
+    extend_lengths(qo_indptr, kv_indptr, nq_total)  # raises on bad lengths (one host read)
     if nq_total == 0:
         return torch.empty((0, g, Dv), dtype=q.dtype, device=q.device)
     key = (q.device, g, D, Dv, q.dtype, k_flat.dtype)

@@ -1,4 +1,4 @@
-"""The pure-torch ``sgl_kernel`` CPU stand-ins (``lava_sglang/cpu/kernels.py``).
+"""The pure-torch ``sgl_kernel`` CPU stand-ins (``lava_sglang/cpu/kernels.py``: ``kv_ops``, ``spec_tree``, ``spec_locs``).
 
 Each function is checked two ways:
 

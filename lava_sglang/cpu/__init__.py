@@ -5,7 +5,7 @@ SGLang's CPU engine (``SGLANG_USE_CPU_ENGINE=1``) imports a few CPU functions fr
 index, and it cannot load without ``libcuda.so.1``. :func:`install_if_needed` puts the
 directory ``stubs/`` (which holds a package named ``sgl_kernel``) first on ``sys.path`` and
 ``PYTHONPATH`` so every SGLang process (spawned children inherit both) imports the stand-in.
-The implementations live in :mod:`lava_sglang.cpu.kernels`.
+The implementations live in :mod:`lava_sglang.cpu.kernels` (KV ops and speculative-decoding ops).
 """
 
 from __future__ import annotations

@@ -19,7 +19,10 @@ In layer ``l``, KV head ``h`` its queries attend to ``row[0:P]``, ``mid(l)[h]`` 
 :class:`LayoutPlan` gathers the row ranges of a batch once and builds each layer's CSR cell
 lists with :func:`lava_sglang.kernels.pair_indices.build_pair_indices` (the one index
 builder); :func:`attend` runs the decode kernel when every entry has one query, the extend
-kernel otherwise (batched torch on CPU, Triton / FlashInfer on CUDA: see ``kernels/``).
+kernel otherwise (batched torch on CPU, Triton / FlashInfer on CUDA: see ``kernels/``),
+planned once per forward (:class:`~lava_sglang.kernels.decode_attention.DecodePlan`,
+:class:`~lava_sglang.kernels.extend_attention.ExtendPlan`: every layer's lists at once when
+they were built together) and run per layer.
 
 No SGLang import: ``layer`` is anything with ``layer_id``, ``tp_q_head_num``,
 ``tp_k_head_num``, ``qk_head_dim``, ``v_head_dim`` and ``scaling`` (SGLang's RadixAttention).
@@ -33,8 +36,8 @@ from typing import Callable, Optional
 import torch
 
 from lava_sglang.engine.cells import CellSpace
-from lava_sglang.kernels.decode_attention import paged_decode_attention
-from lava_sglang.kernels.extend_attention import paged_extend_attention
+from lava_sglang.kernels.decode_attention import DecodePlan
+from lava_sglang.kernels.extend_attention import ExtendPlan
 from lava_sglang.kernels.pair_indices import PairIndices, append_pair_cells, build_pair_indices, gather_row_ranges
 from lava_sglang.kernels.threads import cpu_threads_for
 
@@ -96,6 +99,7 @@ class LayoutPlan:
         self.decode_only = all(n == 1 for n in n_q) and [e.q_offset for e in entries] == list(range(len(entries)))
         self._layers: dict = {}
         self._kept = None  # (kept cells of every layer, counts [n_layers, R, H]): kept_pieces
+        self._kernel = None  # the forward's DecodePlan / ExtendPlan (kernel_plan)
         if self.decode_only:  # the decode kernel reads q as it is: no query index (hot path: every decode step)
             self.n_tokens = len(entries)
             return
@@ -113,6 +117,18 @@ class LayoutPlan:
         self.n_tokens = base
         self.token_rows = (torch.cat(tokens) if tokens else torch.zeros(0, dtype=torch.long)).to(device)
         self.pair_rows = (torch.cat(pair_rows) if pair_rows else torch.zeros(0, dtype=torch.long)).to(device)
+
+    def kernel_plan(self, layer_id: int, shape: tuple, kv_dtype):
+        """The forward's kernel plan (``shape``: ``(g, D, Dv)``) with layer ``layer_id`` planned:
+        every layer built so far is planned with it (all of them after an all-layer build)."""
+        if self._kernel is None:
+            device = self.req_to_token.device
+            self._kernel = (DecodePlan(device, shape[1], kv_dtype) if self.decode_only else
+                            ExtendPlan(self.qo_indptr, self.n_tokens * self.n_kv_heads, device, shape, kv_dtype))
+        if layer_id not in self._kernel.layers:
+            self.indices(layer_id)
+            self._kernel.plan(dict(self._layers))
+        return self._kernel
 
     def ranges(self):
         """The entries' prefix ``row[0:P]`` and appended ``row[L:S]`` slots, gathered once."""
@@ -251,13 +267,17 @@ def attend(layer, q: torch.Tensor, plan: LayoutPlan, pool, out: Optional[torch.T
     work and a small layer's attention run on one intra-op thread (``kernels.threads``: with
     busy cores each of their ~20 small parallel ops per layer would wait for a descheduled
     worker, seconds per decode step; issue 25, case 5)."""
-    with cpu_threads_for(0, q.device):  # index building: small integer ops
-        pairs = plan.indices(layer.layer_id)
-    with cpu_threads_for(pairs.kv_indices.numel() * layer.qk_head_dim + q.numel(), q.device):
-        return _attend(layer, q, plan, pairs, out)
+    Hq, Hkv, D, Dv = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim, layer.v_head_dim
+    g = Hq // Hkv
+    k_flat, v_flat = plan.space.k_flat, plan.space.v_flat
+    with cpu_threads_for(0, q.device):  # index building and planning: small integer ops
+        kernel = plan.kernel_plan(layer.layer_id, (g, D, Dv), k_flat.dtype)
+        work = plan.indices(layer.layer_id).kv_indices.numel() * D + q.numel()
+    with cpu_threads_for(work, q.device):
+        return _attend(layer, q, plan, kernel, out)
 
 
-def _attend(layer, q, plan, pairs, out):
+def _attend(layer, q, plan, kernel, out):
     Hq, Hkv, D, Dv = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim, layer.v_head_dim
     g = Hq // Hkv
     k_flat, v_flat = plan.space.k_flat, plan.space.v_flat
@@ -267,14 +287,12 @@ def _attend(layer, q, plan, pairs, out):
     o3 = out.view(-1, Hq, Dv)
     if plan.decode_only:
         B = len(plan.entries)
-        res = paged_decode_attention(q3[:B].reshape(B * Hkv, g, D), k_flat, v_flat, pairs.kv_indptr, pairs.kv_indices,
-                                     layer.scaling)
+        res = kernel.run(layer.layer_id, q3[:B].reshape(B * Hkv, g, D), k_flat, v_flat, layer.scaling)
         o3[:B] = res.reshape(B, Hq, Dv)
         return out
     n = plan.n_tokens
     q_pairs = q3.index_select(0, plan.token_rows).reshape(n * Hkv, g, D).index_select(0, plan.pair_rows)
-    res = paged_extend_attention(q_pairs, k_flat, v_flat, plan.qo_indptr, pairs.kv_indptr, pairs.kv_indices,
-                                 layer.scaling)
+    res = kernel.run(layer.layer_id, q_pairs, k_flat, v_flat, layer.scaling)
     tok = torch.empty((n * Hkv, g, Dv), dtype=res.dtype, device=res.device)
     tok[plan.pair_rows] = res
     o3[plan.token_rows] = tok.view(n, Hq, Dv).to(out.dtype)

@@ -40,9 +40,11 @@ import torch
 from torch import Tensor
 
 from .dispatch import resolve_impl
+from .pair_indices import PairIndices
 from .threads import cpu_threads_for
 
 __all__ = [
+    "DecodePlan",
     "paged_decode_attention",
     "paged_decode_attention_torch",
     "DEFAULT_KEY_CHUNK",
@@ -79,20 +81,85 @@ def _pad_groups(lens_desc: list, lo: int, hi: int, depth: int = 2) -> list:
     return _pad_groups(lens_desc, lo, cut, depth - 1) + _pad_groups(lens_desc, cut, hi, depth - 1)
 
 
-def _single_shot(qs, k_flat, v_flat, indices, starts, lens_sorted, order, max_len, n_nonempty, sm_scale, out):
-    D = qs.shape[-1]
-    pos = torch.arange(max_len, device=qs.device)
-    lens = lens_sorted[:n_nonempty, None]
-    valid = pos[None, :] < lens  # [n, max_len]
-    where = (starts[:n_nonempty, None] + pos[None, :]).where(valid, starts[:n_nonempty, None]).reshape(-1)
-    cells = indices.index_select(0, where)
-    kc = k_flat.index_select(0, cells).view(n_nonempty, max_len, D).to(torch.float32)
-    vc = v_flat.index_select(0, cells).view(n_nonempty, max_len, -1).to(torch.float32)
-    s = torch.bmm(qs[:n_nonempty], kc.transpose(1, 2)).mul_(sm_scale)  # [n, g, max_len]
-    s.masked_fill_(~valid[:, None, :], float("-inf"))
-    p = torch.softmax(s, dim=-1)
-    out[order[:n_nonempty]] = torch.bmm(p, vc)
-    return out
+class _TorchDecodeLayer:
+    """The torch twin's plan of one layer's lists: pairs sorted by length (descending), their
+    lengths on the host, the pad groups of the single-shot path (each with its gathered cell
+    ids and validity mask) or the chunk schedule of the online-softmax path."""
+
+    def __init__(self, pairs: PairIndices, head_dim: int, key_chunk: int = DEFAULT_KEY_CHUNK,
+                 sorted_lens: tuple | None = None):
+        indptr = pairs.kv_indptr.to(torch.long)
+        self.n_pairs = pairs.n_pairs
+        self.key_chunk = max(1, int(key_chunk))
+        if sorted_lens is None:  # (lens_sorted, order, host copy), else sorted here
+            lens_sorted, order = torch.sort(indptr[1:] - indptr[:-1], descending=True, stable=True)
+            sorted_lens = (lens_sorted, order, lens_sorted.tolist())
+        self.lens_sorted, self.order, self.lens_host = sorted_lens
+        self.n = sum(1 for x in self.lens_host if x > 0)
+        self.max_len = self.lens_host[0] if self.lens_host else 0
+        self.starts = indptr[:-1][self.order]
+        self.indices = pairs.kv_indices.to(torch.long)
+        self.groups = None
+        if self.n and self.n * self.max_len * head_dim <= _SINGLE_SHOT_ELEMS:
+            # Uneven lists (LAVa's and AdaKV's per-head budgets) padded to the longest would
+            # waste most of the gather: pairs in groups of similar length, each padded to its
+            # own longest (one group when even)
+            self.groups = []
+            for a, b in _pad_groups(self.lens_host, 0, self.n):
+                pos = torch.arange(self.lens_host[a], device=indptr.device)
+                valid = pos[None, :] < self.lens_sorted[a:b, None]  # [b - a, longest]
+                where = (self.starts[a:b, None] + pos[None, :]).where(valid, self.starts[a:b, None]).reshape(-1)
+                self.groups.append((a, b, self.indices.index_select(0, where), ~valid[:, None, :]))
+
+    def run(self, q: Tensor, k_flat: Tensor, v_flat: Tensor, sm_scale: float) -> Tensor:
+        n_pairs, g, D = q.shape
+        out = torch.zeros((n_pairs, g, v_flat.shape[-1]), dtype=torch.float32, device=q.device)
+        if self.n == 0:
+            return out.to(q.dtype)
+        qs = q[self.order[:self.n]].to(torch.float32)  # [n, g, D]
+        if self.groups is not None:
+            for a, b, cells, hidden in self.groups:
+                kc = k_flat.index_select(0, cells).view(b - a, -1, D).to(torch.float32)
+                vc = v_flat.index_select(0, cells).view(b - a, kc.shape[1], -1).to(torch.float32)
+                s = torch.bmm(qs[a:b], kc.transpose(1, 2)).mul_(sm_scale)  # [b - a, g, longest]
+                s.masked_fill_(hidden, float("-inf"))
+                out[self.order[a:b]] = torch.bmm(torch.softmax(s, dim=-1), vc)
+            return out.to(q.dtype)
+        out[self.order[:self.n]] = self._chunked(qs, k_flat, v_flat, sm_scale)
+        return out.to(q.dtype)
+
+    def _chunked(self, qs, k_flat, v_flat, sm_scale):
+        n, g, D = qs.shape
+        lens_host, key_chunk = self.lens_host, self.key_chunk
+        m = torch.full((n, g), float("-inf"), dtype=torch.float32, device=qs.device)
+        l = torch.zeros((n, g), dtype=torch.float32, device=qs.device)
+        acc = torch.zeros((n, g, v_flat.shape[-1]), dtype=torch.float32, device=qs.device)
+        ar = torch.arange(key_chunk, device=qs.device)
+        n_act, c0 = n, 0
+        while c0 < self.max_len:
+            # chunk boundaries 0, 32, 64, 128, ... then every key_chunk: a pair of length L is
+            # padded to at most max(2L, L + key_chunk, 32), whatever the other lengths
+            chunk = min(key_chunk, max(_MIN_CHUNK, c0))
+            while n_act > 0 and lens_host[n_act - 1] <= c0:  # pairs with no key left
+                n_act -= 1
+            pos = c0 + ar[:chunk]  # [chunk]
+            valid = pos[None, :] < self.lens_sorted[:n_act, None]  # [n_act, chunk]
+            # (index_select: much faster than advanced indexing on CPU)
+            where = (self.starts[:n_act, None] + pos[None, :]).where(valid, self.starts[:n_act, None]).reshape(-1)
+            cells = self.indices.index_select(0, where)
+            kc = k_flat.index_select(0, cells).view(n_act, -1, D).to(torch.float32)  # [n_act, chunk, D]
+            vc = v_flat.index_select(0, cells).view(n_act, kc.shape[1], -1).to(torch.float32)
+            s = torch.bmm(qs[:n_act], kc.transpose(1, 2)).mul_(sm_scale)  # [n_act, g, chunk]
+            s.masked_fill_(~valid[:, None, :], float("-inf"))
+            # every active pair has at least one valid key in this chunk: no all -inf row
+            m_new = torch.maximum(m[:n_act], s.amax(dim=-1))
+            alpha = torch.exp(m[:n_act] - m_new)
+            p = torch.exp(s - m_new[..., None])
+            l[:n_act] = l[:n_act] * alpha + p.sum(dim=-1)
+            acc[:n_act] = acc[:n_act] * alpha[..., None] + torch.bmm(p, vc)
+            m[:n_act] = m_new
+            c0 += chunk
+        return acc / l[..., None]
 
 
 def paged_decode_attention_torch(
@@ -115,67 +182,75 @@ def paged_decode_attention_torch(
     + online-softmax update over those pairs only. Chunks double in size from 32 keys up to
     ``key_chunk``, so short pairs next to long ones are padded by at most about 2x.
     """
+    pairs = PairIndices(kv_indptr.to(q.device), kv_indices.to(q.device))
     with cpu_threads_for(kv_indices.numel() * q.shape[-1], q.device):
-        return _decode_torch(q, k_flat, v_flat, kv_indptr, kv_indices, sm_scale, key_chunk)
+        return _TorchDecodeLayer(pairs, q.shape[-1], key_chunk).run(q, k_flat, v_flat, sm_scale)
 
 
-def _decode_torch(q, k_flat, v_flat, kv_indptr, kv_indices, sm_scale, key_chunk):
-    n_pairs, g, D = q.shape
-    out = torch.zeros((n_pairs, g, D), dtype=torch.float32, device=q.device)
-    if n_pairs == 0 or kv_indices.numel() == 0:
-        return out.to(q.dtype)
-    indptr = kv_indptr.to(device=q.device, dtype=torch.long)
-    lens = indptr[1:] - indptr[:-1]
-    lens_sorted, order = torch.sort(lens, descending=True, stable=True)
-    lens_host = lens_sorted.tolist()
-    max_len = lens_host[0]
-    n_nonempty = sum(1 for x in lens_host if x > 0)
-    starts = indptr[:-1][order]
-    qs = q[order].to(torch.float32)  # [n, g, D]
-    indices = kv_indices.to(torch.long)
+class DecodePlan:
+    """Decode attention planned once per forward and run per layer, the split of FlashInfer's
+    ``BatchDecodeWithPagedKVCacheWrapper`` (``plan`` / ``run``).
 
-    if n_nonempty * max_len * D <= _SINGLE_SHOT_ELEMS:
-        # Uneven lists (LAVa's and AdaKV's per-head budgets) padded to the longest would waste
-        # most of the gather: pairs in groups of similar length, each padded to its own longest.
-        # (O(pairs) host work per layer on lengths already on the host; one group when even)
-        for a, b in _pad_groups(lens_host, 0, n_nonempty):
-            _single_shot(qs[a:b], k_flat, v_flat, indices, starts[a:b], lens_sorted[a:b], order[a:b], lens_host[a],
-                         b - a, sm_scale, out)
-        return out.to(q.dtype)
+    :meth:`plan` takes the lists of one or more layers (``{layer: PairIndices}``) and does the
+    work that depends only on them; :meth:`run` computes one layer. Per implementation:
 
-    key_chunk = max(1, int(key_chunk))
-    m = torch.full((n_nonempty, g), float("-inf"), dtype=torch.float32, device=q.device)
-    l = torch.zeros((n_nonempty, g), dtype=torch.float32, device=q.device)
-    acc = torch.zeros((n_nonempty, g, D), dtype=torch.float32, device=q.device)
-    ar = torch.arange(key_chunk, device=q.device)
-    n_act = n_nonempty
-    c0 = 0
-    while c0 < max_len:
-        # chunk boundaries 0, 32, 64, 128, ... then every key_chunk: a pair of length L is
-        # padded to at most max(2L, L + key_chunk, 32), whatever the other lengths
-        chunk = min(key_chunk, max(_MIN_CHUNK, c0))
-        while n_act > 0 and lens_host[n_act - 1] <= c0:  # pairs with no key left
-            n_act -= 1
-        pos = c0 + ar[:chunk]  # [chunk]
-        valid = pos[None, :] < lens_sorted[:n_act, None]  # [n_act, chunk]
-        # (index_select: much faster than advanced indexing on CPU)
-        where = (starts[:n_act, None] + pos[None, :]).where(valid, starts[:n_act, None]).reshape(-1)
-        cells = indices.index_select(0, where)
-        kc = k_flat.index_select(0, cells).view(n_act, -1, D).to(torch.float32)  # [n_act, chunk, D]
-        vc = v_flat.index_select(0, cells).view(n_act, -1, D).to(torch.float32)
-        s = torch.bmm(qs[:n_act], kc.transpose(1, 2)).mul_(sm_scale)  # [n_act, g, chunk]
-        s.masked_fill_(~valid[:, None, :], float("-inf"))
-        # every active pair has at least one valid key in this chunk: no all -inf row
-        m_new = torch.maximum(m[:n_act], s.amax(dim=-1))
-        alpha = torch.exp(m[:n_act] - m_new)
-        p = torch.exp(s - m_new[..., None])
-        l[:n_act] = l[:n_act] * alpha + p.sum(dim=-1)
-        acc[:n_act] = acc[:n_act] * alpha[..., None] + torch.bmm(p, vc)
-        m[:n_act] = m_new
-        c0 += chunk
-    res = acc / l[..., None]
-    out[order[:n_nonempty]] = res
-    return out.to(q.dtype)
+    * torch: every planned layer's lengths sorted in one ``sort`` and read to the host in one
+      go, the pad groups and their gathered cell ids; ``run`` gathers keys and values and does
+      the two ``bmm`` (small work on one CPU thread, :mod:`.threads`);
+    * triton: the split count and contiguous index tensors; ``run`` launches the two kernels;
+    * flashinfer: the lists only. Each layer has its own lists (its own kept cells), and a
+      FlashInfer plan serves one set of lists, so ``run`` plans FlashInfer's wrapper for its
+      layer and runs it (one host sync per layer, as before).
+    """
+
+    def __init__(self, device, head_dim: int, kv_dtype: torch.dtype | None = None, impl: str = "auto"):
+        self.device = torch.device(device)
+        self.head_dim = int(head_dim)
+        self.impl = resolve_impl("decode", self.device, impl, dtype=kv_dtype)
+        self.layers: dict = {}
+
+    def plan(self, layers: dict) -> "DecodePlan":
+        todo = {l: p for l, p in layers.items() if l not in self.layers}
+        if not todo:
+            return self
+        if self.impl != "torch":
+            for l, pairs in todo.items():
+                self.layers[l] = _gpu_layer_plan(self.impl, pairs)
+            return self
+        with cpu_threads_for(0, self.device):
+            keys = list(todo)
+            n = {todo[l].n_pairs for l in keys}
+            if len(n) == 1 and n.pop() > 0:  # one sort and one host read for every layer
+                indptr = torch.stack([todo[l].kv_indptr.to(torch.long) for l in keys])
+                lens_sorted, order = torch.sort(indptr[:, 1:] - indptr[:, :-1], dim=1, descending=True, stable=True)
+                host = lens_sorted.tolist()
+                for i, l in enumerate(keys):
+                    self.layers[l] = _TorchDecodeLayer(todo[l], self.head_dim, sorted_lens=(lens_sorted[i], order[i], host[i]))
+            else:
+                for l in keys:
+                    self.layers[l] = _TorchDecodeLayer(todo[l], self.head_dim)
+        return self
+
+    def run(self, layer: int, q: Tensor, k_flat: Tensor, v_flat: Tensor, sm_scale: float) -> Tensor:
+        """``q [n_pairs, g, D]`` -> ``[n_pairs, g, Dv]`` over layer ``layer``'s planned lists."""
+        planned = self.layers[layer]
+        if self.impl != "torch":
+            return planned(q, k_flat, v_flat, sm_scale)
+        with cpu_threads_for(planned.indices.numel() * q.shape[-1], q.device):
+            return planned.run(q, k_flat, v_flat, sm_scale)
+
+
+def _gpu_layer_plan(impl: str, pairs: PairIndices):
+    """The Triton or FlashInfer run of one layer's lists, as a function of (q, k, v, scale)."""
+    if impl == "triton":
+        from ._triton_decode import default_num_splits, paged_decode_attention_triton
+
+        indptr, indices = pairs.kv_indptr.contiguous(), pairs.kv_indices.contiguous()
+        splits = default_num_splits(pairs.n_pairs, indices.numel(), 32)
+        return lambda q, k, v, scale: paged_decode_attention_triton(q, k, v, indptr, indices, scale, num_splits=splits)
+    from .flashinfer_decode import paged_decode_attention_flashinfer
+
+    return lambda q, k, v, scale: paged_decode_attention_flashinfer(q, k, v, pairs.kv_indptr, pairs.kv_indices, scale)
 
 
 def paged_decode_attention(
@@ -198,13 +273,5 @@ def paged_decode_attention(
         raise ValueError(f"q must be [n_pairs, g, D] and k/v [C, D]; got {tuple(q.shape)}, {tuple(k_flat.shape)}, {tuple(v_flat.shape)}")
     if kv_indptr.numel() != q.shape[0] + 1:
         raise ValueError(f"kv_indptr has {kv_indptr.numel()} entries for {q.shape[0]} pairs")
-    which = resolve_impl("decode", q.device, impl, dtype=k_flat.dtype)
-    if which == "torch":
-        return paged_decode_attention_torch(q, k_flat, v_flat, kv_indptr, kv_indices, sm_scale)
-    if which == "triton":
-        from ._triton_decode import paged_decode_attention_triton
-
-        return paged_decode_attention_triton(q, k_flat, v_flat, kv_indptr, kv_indices, sm_scale)
-    from .flashinfer_decode import paged_decode_attention_flashinfer
-
-    return paged_decode_attention_flashinfer(q, k_flat, v_flat, kv_indptr, kv_indices, sm_scale)
+    plan = DecodePlan(q.device, q.shape[-1], k_flat.dtype, impl)
+    return plan.plan({0: PairIndices(kv_indptr, kv_indices)}).run(0, q, k_flat, v_flat, sm_scale)

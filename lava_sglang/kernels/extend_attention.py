@@ -43,10 +43,10 @@ import torch
 from torch import Tensor
 
 from .dispatch import resolve_impl
-from .pair_indices import extend_lengths
+from .pair_indices import PairIndices, extend_lengths
 from .threads import cpu_threads_for
 
-__all__ = ["paged_extend_attention", "paged_extend_attention_torch"]
+__all__ = ["ExtendPlan", "paged_extend_attention", "paged_extend_attention_torch"]
 
 # key chunks grow 64, 64, 128, 256, then stay at min(key_chunk, _MAX_CHUNK): a pair of
 # length L next to longer ones is padded to at most max(2L, L + chunk, 64) keys. 256 keys per
@@ -112,52 +112,63 @@ def paged_extend_attention_torch(
     Small problems run on one intra-op thread (:mod:`.threads`).
     """
     with cpu_threads_for(kv_indices.numel() * q.shape[-1] + q.numel(), q.device):
-        return _extend_torch(q, k_flat, v_flat, qo_indptr, kv_indptr, kv_indices, sm_scale, key_chunk)
+        layer = _TorchExtendLayer(qo_indptr, PairIndices(kv_indptr, kv_indices), q.shape[0], q.shape[1:],
+                                  v_flat.shape[-1], key_chunk)
+        return layer.run(q, k_flat, v_flat, sm_scale)
 
 
-def _extend_torch(q, k_flat, v_flat, qo_indptr, kv_indptr, kv_indices, sm_scale, key_chunk):
-    nq_total, g, D = q.shape
-    Dv = v_flat.shape[-1]
-    device = q.device
-    lens = extend_lengths(qo_indptr, kv_indptr, nq_total)
-    out = torch.zeros((nq_total, g, Dv), dtype=q.dtype, device=device)
-    active = [p for p, nq in enumerate(lens.qo_lens) if nq > 0]
-    if not active:
+class _TorchExtendLayer:
+    """The torch twin's plan of one layer: the checked lengths (one host read), the pairs with
+    queries sorted by list length (descending), their query rows (padded to the longest
+    ``qo_len``), last visible keys and the path (one shot or chunked)."""
+
+    def __init__(self, qo_indptr: Tensor, pairs: PairIndices, nq_total: int, q_shape: tuple, dv: int,
+                 key_chunk: int = 1024):
+        g, D = q_shape
+        device = pairs.kv_indptr.device
+        lens = extend_lengths(qo_indptr, pairs.kv_indptr, nq_total)
+        self.nq_total, self.key_chunk = nq_total, max(1, int(key_chunk))
+        active = [p for p, nq in enumerate(lens.qo_lens) if nq > 0]
+        active.sort(key=lambda p: -lens.kv_lens[p])  # longest list first (stable: ties keep pair order)
+        self.n = n = len(active)
+        if not n:
+            return
+        self.kv_host = [lens.kv_lens[p] for p in active]
+        self.nq_host = [lens.qo_lens[p] for p in active]
+        self.off_host = [kv - nq for kv, nq in zip(self.kv_host, self.nq_host)]  # cells every query sees (>= 0)
+        self.Mq, max_len = max(self.nq_host), self.kv_host[0]
+        order = torch.tensor(active, dtype=torch.long, device=device)
+        self.kv_starts = pairs.kv_indptr.to(torch.long)[:-1].index_select(0, order)
+        self.kv_lens = torch.tensor(self.kv_host, dtype=torch.long, device=device)
+        nq = torch.tensor(self.nq_host, dtype=torch.long, device=device)
+        offs = torch.tensor(self.off_host, dtype=torch.long, device=device)
+        qo_starts = torch.tensor([lens.qo_starts[p] for p in active], dtype=torch.long, device=device)
+        ar_q = torch.arange(self.Mq, device=device)
+        q_valid = ar_q[None, :] < nq[:, None]  # [n, Mq]
+        self.rows = (qo_starts[:, None] + ar_q[None, :]).where(q_valid, qo_starts[:, None])  # [n, Mq]
+        self.lim = (offs[:, None] + ar_q[None, :]).where(q_valid, torch.full_like(self.rows, -1))  # last visible key
+        self.valid_flat = q_valid.reshape(-1)
+        self.dest = self.rows.reshape(-1)[self.valid_flat]
+        self.indices = pairs.kv_indices.to(torch.long)
+        self.one_shot = n * self.Mq * g * max_len <= _SINGLE_SHOT_ELEMS and n * max_len * max(D, dv) <= _SINGLE_SHOT_KEY_ELEMS
+
+    def run(self, q: Tensor, k_flat: Tensor, v_flat: Tensor, sm_scale: float) -> Tensor:
+        nq_total, g, D = q.shape
+        Dv = v_flat.shape[-1]
+        out = torch.zeros((nq_total, g, Dv), dtype=q.dtype, device=q.device)
+        if not self.n:
+            return out
+        n, Mq = self.n, self.Mq
+        qs = q.index_select(0, self.rows.reshape(-1)).view(n, Mq, g, D).to(torch.float32)
+        if sm_scale != 1.0:
+            qs = qs * float(sm_scale)
+        if self.one_shot:
+            res = _one_shot(qs, k_flat, v_flat, self.indices, self.kv_starts, self.kv_lens, self.lim, self.kv_host[0])
+        else:
+            res = _chunked(qs, k_flat, v_flat, self.indices, self.kv_starts, self.kv_lens, self.lim, self.kv_host,
+                           self.nq_host, self.off_host, self.key_chunk)
+        out.index_copy_(0, self.dest, res.reshape(n * Mq, g, Dv)[self.valid_flat].to(q.dtype))
         return out
-    # pairs with queries, longest list first (stable: ties keep pair order)
-    active.sort(key=lambda p: -lens.kv_lens[p])
-    n = len(active)
-    kv_host = [lens.kv_lens[p] for p in active]
-    nq_host = [lens.qo_lens[p] for p in active]
-    off_host = [kv - nq for kv, nq in zip(kv_host, nq_host)]  # cells every query sees (>= 0)
-    Mq = max(nq_host)
-    max_len = kv_host[0]
-
-    order = torch.tensor(active, dtype=torch.long, device=device)
-    kv_start_all = kv_indptr.to(device=device, dtype=torch.long)[:-1]
-    kv_starts = kv_start_all.index_select(0, order)
-    kv_lens = torch.tensor(kv_host, dtype=torch.long, device=device)
-    nq = torch.tensor(nq_host, dtype=torch.long, device=device)
-    offs = torch.tensor(off_host, dtype=torch.long, device=device)
-    qo_starts = torch.tensor([lens.qo_starts[p] for p in active], dtype=torch.long, device=device)
-    ar_q = torch.arange(Mq, device=device)
-    q_valid = ar_q[None, :] < nq[:, None]  # [n, Mq]
-    rows = (qo_starts[:, None] + ar_q[None, :]).where(q_valid, qo_starts[:, None])  # [n, Mq]
-    qs = q.index_select(0, rows.reshape(-1)).view(n, Mq, g, D).to(torch.float32)
-    if sm_scale != 1.0:
-        qs = qs * float(sm_scale)
-    lim = (offs[:, None] + ar_q[None, :]).where(q_valid, torch.full_like(rows, -1))  # last visible key
-    indices = kv_indices.to(device=device, dtype=torch.long)
-
-    if n * Mq * g * max_len <= _SINGLE_SHOT_ELEMS and n * max_len * max(D, v_flat.shape[-1]) <= _SINGLE_SHOT_KEY_ELEMS:
-        res = _one_shot(qs, k_flat, v_flat, indices, kv_starts, kv_lens, lim, max_len)
-    else:
-        res = _chunked(qs, k_flat, v_flat, indices, kv_starts, kv_lens, lim, kv_host, nq_host, off_host,
-                       max(1, int(key_chunk)))
-    valid_flat = q_valid.reshape(-1)
-    dest = rows.reshape(-1)[valid_flat]
-    out.index_copy_(0, dest, res.reshape(n * Mq, g, Dv)[valid_flat].to(q.dtype))
-    return out
 
 
 def _chunked(qs, k_flat, v_flat, indices, kv_starts, kv_lens, lim, kv_host, nq_host, off_host, key_chunk):
@@ -260,13 +271,55 @@ def paged_extend_attention(
     for name, t in (("qo_indptr", qo_indptr), ("kv_indptr", kv_indptr), ("kv_indices", kv_indices)):
         if t.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"{name} must be int32 or int64, got {t.dtype}")
-    which = resolve_impl("extend", q.device, impl, dtype=k_flat.dtype)
-    if which == "torch":
-        return paged_extend_attention_torch(q, k_flat, v_flat, qo_indptr, kv_indptr, kv_indices, sm_scale)
-    if which == "triton":
-        from ._triton_extend import paged_extend_attention_triton
+    plan = ExtendPlan(qo_indptr, q.shape[0], q.device, (q.shape[1], q.shape[2], v_flat.shape[-1]), k_flat.dtype, impl)
+    return plan.plan({0: PairIndices(kv_indptr, kv_indices)}).run(0, q, k_flat, v_flat, sm_scale)
 
-        return paged_extend_attention_triton(q, k_flat, v_flat, qo_indptr, kv_indptr, kv_indices, sm_scale)
-    from .flashinfer_extend import paged_extend_attention_flashinfer
 
-    return paged_extend_attention_flashinfer(q, k_flat, v_flat, qo_indptr, kv_indptr, kv_indices, sm_scale)
+class ExtendPlan:
+    """Extend attention planned once per forward and run per layer (FlashInfer's
+    ``BatchPrefillWithPagedKVCacheWrapper`` split). The queries' CSR (``qo_indptr``) is the
+    forward's; :meth:`plan` takes the key lists of one or more layers (``{layer: PairIndices}``)
+    and checks every pair's lengths (``kv_len >= qo_len``) on the host once per layer.
+
+    * torch: per layer the sorted pairs, padded query rows, last visible keys and the path;
+      ``run`` gathers and computes (small work on one CPU thread, :mod:`.threads`);
+    * triton: the checked longest ``qo_len``; ``run`` launches the kernel without a host read;
+    * flashinfer: the lists only: each layer has its own lists and a FlashInfer plan serves
+      one set, so ``run`` plans the wrapper for its layer, then runs it.
+    """
+
+    def __init__(self, qo_indptr: Tensor, nq_total: int, device, shape: tuple, kv_dtype: torch.dtype | None = None,
+                 impl: str = "auto"):
+        self.qo_indptr, self.nq_total, self.device = qo_indptr, int(nq_total), torch.device(device)
+        self.g, self.head_dim, self.head_dim_v = (int(x) for x in shape)  # (g, D, Dv)
+        self.impl = resolve_impl("extend", self.device, impl, dtype=kv_dtype)
+        self.layers: dict = {}
+
+    def plan(self, layers: dict) -> "ExtendPlan":
+        with cpu_threads_for(0, self.device):
+            for l, pairs in layers.items():
+                if l in self.layers:
+                    continue
+                if self.impl == "torch":
+                    self.layers[l] = _TorchExtendLayer(self.qo_indptr, pairs, self.nq_total, (self.g, self.head_dim),
+                                                       self.head_dim_v)
+                else:
+                    self.layers[l] = (pairs, extend_lengths(self.qo_indptr, pairs.kv_indptr, self.nq_total).max_qo)
+        return self
+
+    def run(self, layer: int, q: Tensor, k_flat: Tensor, v_flat: Tensor, sm_scale: float) -> Tensor:
+        """``q [nq_total, g, D]`` -> ``[nq_total, g, Dv]`` over layer ``layer``'s planned lists."""
+        planned = self.layers[layer]
+        if self.impl == "torch":
+            with cpu_threads_for(planned.indices.numel() * q.shape[-1] + q.numel() if planned.n else 0, q.device):
+                return planned.run(q, k_flat, v_flat, sm_scale)
+        pairs, max_qo = planned
+        if self.impl == "triton":
+            from ._triton_extend import paged_extend_attention_triton
+
+            return paged_extend_attention_triton(q, k_flat, v_flat, self.qo_indptr, pairs.kv_indptr, pairs.kv_indices,
+                                                 sm_scale, max_qo_len=max_qo, check=False)
+        from .flashinfer_extend import paged_extend_attention_flashinfer
+
+        return paged_extend_attention_flashinfer(q, k_flat, v_flat, self.qo_indptr, pairs.kv_indptr, pairs.kv_indices,
+                                                 sm_scale)

@@ -31,7 +31,7 @@ def naive(k, v, src, dst):
 
 def pack_case(slots, hkv, D, dtype, P, L, keep_per_head, seed=0, device="cpu"):
     """A request's row occupying ``row[P:L]``; each head keeps ``keep_per_head`` private
-    positions; targets are the cells of the first ``K`` private slots (DESIGN.md section 5)."""
+    positions; targets are the cells of the first ``K`` private slots (``docs/design.md``, "Exact packing")."""
     gen = torch.Generator().manual_seed(seed)
     kbuf = torch.randn(slots, hkv, D, generator=gen).to(dtype)
     vbuf = torch.randn(slots, hkv, D, generator=gen).to(dtype)

@@ -1,4 +1,4 @@
-"""Decode attention for batches that hold compressed requests (DESIGN.md section 5).
+"""Decode attention for batches that hold compressed requests (``docs/design.md``, "Decode index").
 
 Every request of the batch is one :class:`~lava_sglang.engine.layout.LayoutEntry` with one
 query: a compressed request reads its shared prefix ``row[0:P]``, its kept cells of the layer

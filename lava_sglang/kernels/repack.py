@@ -2,7 +2,7 @@
 
 ``repack_cells(k_flat, v_flat, src_cells, dst_cells)`` copies cell ``src_cells[i]`` to cell
 ``dst_cells[i]`` in both flat single-head views of one layer (``k_buffer[l].view(-1, D)``,
-DESIGN.md section 5). All sources are read before any target is written (gather into a
+``docs/design.md``, "Exact packing"). All sources are read before any target is written (gather into a
 temporary, then scatter), so ``src_cells`` and ``dst_cells`` may overlap, which they do
 when a request's kept cells are packed into the first ``K`` slots of its own range.
 ``dst_cells`` must not contain duplicates (the result would be unspecified).

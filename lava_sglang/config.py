@@ -6,11 +6,25 @@ Engine-free: never imports SGLang.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 POLICIES = ("none", "streamingllm", "snapkv", "pyramidkv", "adakv", "lava")
 POOLINGS = ("max", "avg")
+
+# Upper bounds of the numeric settings, so that one request's cost stays proportional to its
+# prompt: scoring costs window x prompt per head, pooling kernel x prompt; a budget or a
+# minimum prompt length past any context length is meaningless.
+UPPER_BOUNDS = {
+    "window": 1024,
+    "kernel_size": 127,
+    "budget": 1 << 20,
+    "min_prompt_len": 1 << 20,
+    "pyramid_beta": 1000.0,
+    "park_max_slots": 1 << 40,
+    "park_max_conversations": 1 << 24,
+}
 
 
 class ConfigError(ValueError):
@@ -43,6 +57,9 @@ class CompressionConfig:
     # but the pool, they are evicted on demand). ``park_max_slots`` is server-wide only.
     park: bool = True
     park_max_slots: int = 0
+    # Most parked conversations at once (0: derived from the request rows, ``engine.parking``);
+    # server-wide only.
+    park_max_conversations: int = 0
 
     # Public names of the fields: CLI flag ``--kv-<name>`` and request key ``kv_<name>``.
     @staticmethod
@@ -59,7 +76,7 @@ class CompressionConfig:
 
     @property
     def scored_budget(self) -> int:
-        """Per-(layer, KV head) budget excluding the observation window (``b`` in DESIGN.md)."""
+        """Per-(layer, KV head) budget excluding the observation window (``b`` in the papers)."""
         return self.budget - self.window
 
     def validate(self, name=None) -> "CompressionConfig":
@@ -74,16 +91,22 @@ class CompressionConfig:
             raise ConfigError(name("pooling"), f"unknown pooling {self.pooling!r}; choose one of {', '.join(POOLINGS)}")
         if not isinstance(self.park, bool):
             raise ConfigError(name("park"), f"must be true or false, got {self.park!r}")
-        for field in ("budget", "window", "kernel_size", "min_prompt_len", "park_max_slots"):
+        for field in ("budget", "window", "kernel_size", "min_prompt_len", "park_max_slots", "park_max_conversations"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(name(field), f"must be an integer, got {value!r}")
             if value < 0:
                 raise ConfigError(name(field), f"must not be negative, got {value}")
+            if field in UPPER_BOUNDS and value > UPPER_BOUNDS[field]:
+                raise ConfigError(name(field), f"must be at most {UPPER_BOUNDS[field]}, got {value}")
         for field in ("floor_alpha", "pyramid_beta"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(name(field), f"must be a number, got {value!r}")
+            if not math.isfinite(float(value)):
+                raise ConfigError(name(field), f"must be finite, got {value!r}")
+        if float(self.pyramid_beta) > UPPER_BOUNDS["pyramid_beta"]:
+            raise ConfigError(name("pyramid_beta"), f"must be at most {UPPER_BOUNDS['pyramid_beta']}, got {self.pyramid_beta}")
         if self.window < 1:
             raise ConfigError(name("window"), f"must be at least 1, got {self.window}")
         if self.budget <= self.window:
@@ -104,7 +127,7 @@ class CompressionConfig:
         return {self.key(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
 
     # Settings a request cannot override (they size what the whole server holds).
-    SERVER_ONLY = ("park_max_slots",)
+    SERVER_ONLY = ("park_max_slots", "park_max_conversations")
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> "CompressionConfig":
         """Apply per-request overrides keyed ``kv_<field>``; unknown keys and bad values raise ConfigError."""

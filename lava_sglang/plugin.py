@@ -14,7 +14,6 @@ and as the first statement of the scheduler process. It
 from __future__ import annotations
 
 import logging
-import sys
 
 logger = logging.getLogger("lava_sglang")
 
@@ -61,11 +60,8 @@ def register() -> None:
         except Exception:
             enabled = True
         if enabled:
-            print(
-                "lava-sglang: refusing to start: these SGLang hooks failed to apply (is sglang==0.5.23 installed?): "
-                + ", ".join(missing),
-                file=sys.stderr,
-                flush=True,
-            )
-            raise SystemExit(1)
+            from lava_sglang.engine.settings import refuse_to_start
+
+            refuse_to_start("lava-sglang: refusing to start: these SGLang hooks failed to apply (is sglang==0.5.23 "
+                            "installed?): " + ", ".join(missing))
         logger.warning("lava-sglang: hooks failed to apply (compression is off, so SGLang runs unchanged): %s", ", ".join(missing))

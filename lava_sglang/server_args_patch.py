@@ -63,6 +63,13 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         help="Most KV slots parked conversations may hold together (0: no cap but the pool; parked memory is "
         "evictable and goes first, least recently used, when SGLang needs slots).",
     )
+    group.add_argument(
+        "--kv-park-max-conversations",
+        type=int,
+        default=_DEFAULTS.park_max_conversations,
+        help="Most parked conversations at once (0: half of the request rows, --max-running-requests; each parked "
+        "conversation holds a row, taken back least recently used first whenever a request needs one).",
+    )
     group.add_argument("--kv-min-prompt-len", type=int, default=_DEFAULTS.min_prompt_len, help="Prompts shorter than this are never compressed.")
 
 

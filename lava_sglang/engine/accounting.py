@@ -1,4 +1,5 @@
-"""Memory accounting the plugin exposes (``/server_info``) and the debug invariant checks.
+"""Slot accounting: what a compressed row holds, what the plugin exposes (``/server_info``) and
+the debug invariant checks. The one place that clamps a row's freed range to what it holds.
 
 ``snapshot`` is what tests and benchmarks read from outside: pool size, free slots, what the
 radix tree holds, and the compression totals. With ``LAVA_SGLANG_DEBUG=1`` every compression
@@ -19,9 +20,10 @@ import os
 
 import torch
 
-from lava_sglang.engine.parking import idle_parked_rows
-from lava_sglang.engine.parking import snapshot as parking_snapshot
+from lava_sglang.engine.parking_lot import LOT
 from lava_sglang.engine.state import REGISTRY
+
+POOL_STATS = "sglang.srt.managers.scheduler_components.pool_stats_observer.SchedulerPoolStatsObserver"
 
 
 def debug_enabled() -> bool:
@@ -39,10 +41,52 @@ def _free_slots(allocator) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
 
+def freed_within(state, kv) -> int:
+    """Slots of ``kv``'s private range ``[cache_protected_len, kv_allocated_len)`` that the
+    compression of ``state`` gave back to the allocator."""
+    lo, hi = state.freed_range
+    lo, hi = max(lo, int(kv.cache_protected_len)), min(hi, int(kv.kv_allocated_len))
+    return max(0, hi - lo)
+
+
+def held_slots(kv) -> int:
+    """Private slots a KV record holds: its range past the shared prefix, less what compression freed."""
+    if not kv.holds_kv:
+        return 0
+    held = max(0, int(kv.kv_allocated_len) - int(kv.cache_protected_len))
+    state = REGISTRY.compressed.get(int(kv.req_pool_idx))
+    return held - freed_within(state, kv) if state is not None else held
+
+
+def session_records(tree_cache) -> dict:
+    """``row -> ReqKvInfo`` of the KV records streaming sessions (and parked conversations) own now."""
+    get = getattr(tree_cache, "session_records", None)
+    if get is None:
+        return {}
+    return {int(kv.req_pool_idx): kv for kv in get().values() if kv.holds_kv and kv.req_pool_idx is not None}
+
+
+def after_session_held_tokens(result, self, *args, **kwargs):
+    """``SchedulerPoolStatsObserver.session_held_tokens``: a compressed session row holds its
+    record's private range minus the slots compression gave back; idle parked conversations
+    count as evictable instead (``engine.admission``)."""
+    for row, kv in session_records(self.tree_cache).items():
+        state = REGISTRY.compressed.get(row)
+        if state is not None:
+            result -= freed_within(state, kv)
+    return result - LOT.idle_slots
+
+
+def parking_snapshot() -> dict:
+    return {"parked_conversations": len(LOT), "parked_idle": LOT.idle_count, "parked_slots": LOT.idle_slots,
+            "parked_borrowed": len(LOT) - LOT.idle_count, "park_max_conversations": LOT.max_conversations,
+            **{f"park_{k}": v for k, v in LOT.totals.items()}}
+
+
 def snapshot(scheduler) -> dict:
     allocator = scheduler.token_to_kv_pool_allocator
     tree = scheduler.tree_cache
-    idle = idle_parked_rows()
+    idle = {int(rec.kv.req_pool_idx) for rec in LOT.lru_idle() if rec.kv.holds_kv}
     live = [s for row, s in REGISTRY.compressed.items() if row not in idle]
     out = {
         "pool_size": int(getattr(allocator, "size", -1)),
@@ -102,3 +146,8 @@ def after_release(tree_cache, row) -> None:
         rows.req_to_token[int(row)].zero_()
     check_invariants(rows.req_to_token, tree_cache.token_to_kv_pool_allocator)
     DEBUG_COUNTS["after_release"] += 1
+
+
+HOOKS = [
+    (f"{POOL_STATS}.session_held_tokens", after_session_held_tokens, "AFTER", True),
+]

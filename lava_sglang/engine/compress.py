@@ -112,4 +112,5 @@ def compress_request(pending: PendingRequest, req_to_token: torch.Tensor, kv_poo
     return CompressedRequest(
         rid=pending.rid, row=row, config=cfg, prefix_len=P, prompt_len=L, kept_slots=kept_slots,
         mid_cells=mid_cells, mid_lens=torch.tensor(mid_lens, dtype=torch.long), report=report, keep=keep,
+        owner=pending.owner,
     )

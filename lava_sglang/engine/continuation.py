@@ -19,10 +19,11 @@ the turn finishes, and the next turn runs over it:
    budget per (layer, head) plus the window, whatever its number of turns; a cell kept at
    turn 1 may be dropped at turn 5 (``earlier_kept_cells_dropped`` in the turn's report).
 
-Two SGLang hooks keep the session's accounting exact: ``session_held_tokens`` (what the pool
-invariant checker and the metrics count as held by sessions) subtracts the slots compression
-freed, and ``release_session`` (close, or a turn that aborted) drops the state once SGLang has
-freed the row. No SGLang import at module level.
+Whether a chunk continues a compressed row is decided by the row's state and the request
+object (``state.owns``), never by rid: a client may reuse one rid for every turn. A new turn is
+never published to the radix tree. The session's accounting lives in ``engine.accounting``
+(``session_held_tokens``) and ``engine.release`` (``release_session``). No SGLang import at
+module level.
 """
 
 from __future__ import annotations
@@ -33,30 +34,30 @@ from typing import Optional
 
 import torch
 
-from lava_sglang.engine.state import REGISTRY, CompressedRequest, PendingRequest
+from lava_sglang.engine.cells import pool_cells
+from lava_sglang.engine.compress import make_report, pack_and_free
+from lava_sglang.engine.failures import fail_request, inject
+from lava_sglang.engine.report import attach, record
+from lava_sglang.engine.settings import request_config, should_compress
+from lava_sglang.engine.state import REGISTRY, CompressedRequest, PendingRequest, owner_ref, owns
+from lava_sglang.policies import get_policy
 
 logger = logging.getLogger("lava_sglang")
-
-
-def session_records(tree_cache) -> dict:
-    """``row -> ReqKvInfo`` of the KV records streaming sessions own now."""
-    get = getattr(tree_cache, "session_records", None)
-    if get is None:
-        return {}
-    return {int(kv.req_pool_idx): kv for kv in get().values() if kv.holds_kv and kv.req_pool_idx is not None}
 
 
 def begin_turn(state: CompressedRequest, req, config, turn_end: int, chunk_lo: int) -> None:
     """A new turn (request ``req``) starts on the compressed row of ``state``."""
     state.rid = req.rid
+    state.owner = owner_ref(req)
     state.turns += 1
     state.kv = req.kv
     state.reselect = None
+    req.skip_radix_cache_insert = True  # a compressed row is never published to the tree
     REGISTRY.totals["continued_turns"] += 1
     REGISTRY.totals["continued_prefill_tokens"] += turn_end - chunk_lo
-    if config.enabled and turn_end - chunk_lo >= config.window and turn_end - state.prefix_len > config.budget:
+    if turn_end - chunk_lo >= config.window and should_compress(config, state.prefix_len, turn_end):
         state.reselect = PendingRequest(rid=req.rid, row=state.row, config=config, prefix_len=state.prefix_len,
-                                        prompt_len=turn_end)
+                                        prompt_len=turn_end, owner=state.owner)
 
 
 def rewind(state: CompressedRequest, chunk_lo: int, req_to_token: torch.Tensor, space) -> None:
@@ -109,10 +110,6 @@ def reselect(state: CompressedRequest, req_to_token: torch.Tensor, kv_pool, allo
     """Re-select the history of ``state`` with the captured window of its running turn and
     repack it (module docstring, step 3). Returns the turn's report, or None when everything
     fits in the budget (the layout then stays as it is)."""
-    from lava_sglang.engine.cells import pool_cells
-    from lava_sglang.engine.compress import make_report, pack_and_free
-    from lava_sglang.policies import get_policy
-
     started = time.perf_counter()
     pend, state.reselect = state.reselect, None
     cfg, row, P, L, end = pend.config, state.row, state.prefix_len, state.prompt_len, pend.prompt_len
@@ -173,31 +170,52 @@ def reselect(state: CompressedRequest, req_to_token: torch.Tensor, kv_pool, allo
     return report
 
 
-def after_session_held_tokens(result, self, *args, **kwargs):
-    """``SchedulerPoolStatsObserver.session_held_tokens``: a compressed session row holds its
-    record's private range minus the slots compression gave back."""
-    for row, kv in session_records(self.tree_cache).items():
-        state = REGISTRY.compressed.get(row)
-        if state is None:
-            continue
-        lo, hi = state.freed_range
-        lo, hi = max(lo, int(kv.cache_protected_len)), min(hi, int(kv.kv_allocated_len))
-        result -= max(0, hi - lo)
-    from lava_sglang.engine.parking import idle_held_slots
+def continued_state(req, chunk_lo: int, req_to_token, space) -> Optional[CompressedRequest]:
+    """The compressed state this chunk continues over (a session's or a parked conversation's
+    row), or None. A new turn (another request object on the row's record) begins here."""
+    row = int(req.kv.req_pool_idx)
+    state = REGISTRY.compressed.get(row)
+    if state is None:
+        return None
+    if not owns(state, req):  # a new turn (session or parked conversation), whatever its rid
+        if state.kv is not req.kv:  # not the session's record: a stale state, never read it
+            logger.warning("lava-sglang: row %d: dropping the state of %s (request %s is not its continuation)",
+                           row, state.rid, req.rid)
+            REGISTRY.drop(row)
+            return None
+        begin_turn(state, req, request_config(req), len(req.full_untruncated_fill_ids), chunk_lo)
+    if chunk_lo < state.prompt_len:
+        rewind(state, chunk_lo, req_to_token, space)
+    return state
 
-    return result - idle_held_slots()  # idle parked conversations count as evictable instead
 
-
-def around_release_session(original, self, session_id, *args, **kwargs):
-    """``StreamingSession.release_session`` (close, or an aborted turn): SGLang frees the row
-    (``free_kv_row`` skips what compression freed); then the state goes."""
-    slot = self.slots.get(session_id)
-    row = int(slot.kv.req_pool_idx) if slot is not None and slot.kv.holds_kv else None
-    result = original(self, session_id, *args, **kwargs)
-    if row is not None and REGISTRY.compressed.pop(row, None) is not None:
-        REGISTRY.totals["released_requests"] += 1
-    if row is not None:
-        from lava_sglang.engine.accounting import after_release
-
-        after_release(self.cache, row)
-    return result
+def finish_turn(worker, req, state: CompressedRequest, chunk_hi: int, elapsed: float) -> None:
+    """After a forward of a turn that continues over ``state``: once its prompt is complete,
+    re-select the history and report the turn."""
+    pend = state.reselect
+    if pend is not None:
+        pend.prefill_seconds += elapsed
+    if chunk_hi < len(req.full_untruncated_fill_ids):
+        return  # more chunks to come
+    if pend is None or pend.prompt_len != chunk_hi:
+        state.reselect = None
+        info = (req.customized_info or {}).get("kv_compression")
+        if not info or set(info[0]) == {"parked"}:  # a turn too short to re-select, or a re-admission
+            attach(req, dict(state.report, turn=state.turns, continued=True, reselected=False))
+        return
+    if any(q is None for q in pend.queries) or len(pend.queries) != len(state.mid_cells):
+        logger.warning("lava-sglang: request %s: window queries missing; history not re-selected", req.rid)
+        state.reselect = None
+        return
+    runner = worker.model_runner
+    try:
+        inject("reselect", req)
+        report = reselect(state, runner.req_to_token_pool.req_to_token, runner.token_to_kv_pool,
+                          runner.token_to_kv_pool_allocator, prefill_seconds=pend.prefill_seconds)
+    except Exception as exc:  # scoring or selection raised: the layout is as before, the request fails alone
+        fail_request(req, "reselect", exc)
+        return
+    if report is None:
+        attach(req, dict(state.report, turn=state.turns, continued=True, reselected=False))
+        return
+    record(worker, req, report, first=False)

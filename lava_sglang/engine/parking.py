@@ -20,17 +20,24 @@ one (``sglang/srt/session/streaming_session.py``), keyed by token ids instead of
    only the rest is prefilled, and ``engine.continuation`` runs the turn over the compressed
    layout and re-selects the history within the budget. When the turn finishes it is parked
    again under its own ids.
+   Whether a request continues a parked conversation is decided by this borrow alone, never by
+   its rid (a client may reuse one rid for every turn). A request whose compression settings
+   differ from the conversation's does not borrow it: it is prefilled and compressed afresh,
+   and its ``meta_info["kv_compression"]`` says ``"parked": "not borrowed: settings differ ..."``.
 3. **Two requests, one conversation**: the first to be matched borrows the record; a second one
    extending the same conversation while it is borrowed finds nothing and prefills its history
    (compressed afresh, then parked under its own ids). Of two parked conversations that both
    match, the one covering more of the input wins, the most recently used on a tie.
-4. **Evictable memory**: an idle parked conversation's private slots count as evictable, like
-   unlocked radix nodes (``after_evictable_size``; ``session_held_tokens`` leaves them out, so
-   the pool invariant ``size = free + tree + running + session-held`` still holds with them in
-   the evictable term). When SGLang evicts for an allocation and the tree cannot free enough,
-   idle parked conversations go, least recently used first (``around_evict*``), before any
-   admission is refused or a running request retracted. ``--kv-park-max-slots`` caps them. An
-   evicted conversation's next turn is an ordinary request: prefilled, compressed, parked.
+4. **A cache entry, never a reservation**: an idle parked conversation's private slots count as
+   evictable, like unlocked radix nodes (``after_evictable_size``; ``session_held_tokens`` leaves
+   them out, so the pool invariant ``size = free + tree + running + session-held`` still holds
+   with them in the evictable term). When SGLang evicts for an allocation and the tree cannot
+   free enough, idle parked conversations go, least recently used first (``around_evict*``),
+   and the tree is evicted again for what their prefix locks held. Request rows, prefix-locked
+   tree memory and admission races are handled in ``engine.admission``. Two caps, applied to
+   every park and re-park: ``--kv-park-max-slots`` (slots) and ``--kv-park-max-conversations``
+   (records; default half the request rows). An evicted conversation's next turn is an
+   ordinary request: prefilled, compressed, parked.
 5. **Abort, retraction**: a borrowing request that aborts or is retracted takes the record with
    it (freed like any request's row; the next turn re-prefills). One aborted while still
    waiting, before anything of it ran, gives the record back untouched.
@@ -42,135 +49,43 @@ No SGLang import at module level.
 
 from __future__ import annotations
 
-import collections
-import itertools
 import logging
-import time
-import weakref
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
-from lava_sglang.engine.state import REGISTRY
+from lava_sglang.engine import metrics
+from lava_sglang.engine.accounting import held_slots, parking_snapshot
+from lava_sglang.engine.parking_lot import LOT, Parked, common_prefix
+from lava_sglang.engine.release import forget
+from lava_sglang.engine.settings import conversation_settings, request_config, server_config
+from lava_sglang.engine.state import REGISTRY, owns
 
 logger = logging.getLogger("lava_sglang")
 
-
-@dataclass
-class Parked:
-    id: str
-    kv: object  # SGLang's ReqKvInfo of the row (the record)
-    lock: object  # TreeLock on the shared prefix (None without a tree)
-    node: object  # a streaming-session virtual node: locking it is a no-op
-    tokens: torch.Tensor  # int64: the ids the record's KV was computed for (valid below kv.kv_committed_len)
-    extra_key: Optional[str] = None
-    cache_salt: Optional[str] = None
-    borrower: Optional[weakref.ref] = None
-    lent_len: int = 0
-    turns: int = 1
-    parked_at: float = field(default_factory=time.monotonic)
-
-    def borrowed_by(self, req) -> bool:
-        return self.borrower is not None and self.borrower() is req
-
-    @property
-    def idle(self) -> bool:
-        if self.borrower is not None and self.borrower() is None:
-            self.borrower = None  # the borrower is gone without a release: the record is idle again
-        return self.borrower is None
-
-
-class ParkingLot:
-    """Every parked conversation of this scheduler process, least recently used first."""
-
-    def __init__(self):
-        self.records: "collections.OrderedDict[str, Parked]" = collections.OrderedDict()
-        self._ids = itertools.count()
-        self._seen: "collections.OrderedDict[str, None]" = collections.OrderedDict()
-        self.totals = {"parked": 0, "hits": 0, "misses": 0, "evictions": 0, "evicted_slots": 0,
-                       "hit_tokens": 0, "dropped": 0, "not_parked_over_cap": 0}
-
-    def new_id(self) -> str:
-        return f"lava-park-{next(self._ids)}"
-
-    def borrowed(self, req) -> Optional[Parked]:
-        kv = getattr(req, "kv", None)
-        for rec in self.records.values():
-            if rec.kv is kv:
-                return rec
-        return None
-
-    def idle_records(self):
-        return [rec for rec in self.records.values() if rec.idle and rec.kv.holds_kv]
-
-    def count_once(self, rid: str, hit: bool, matched: int = 0) -> None:
-        """Hits and misses count requests, not scheduling rounds (a waiting request is matched again
-        every round)."""
-        if rid in self._seen:
-            return
-        self._seen[rid] = None
-        while len(self._seen) > 4096:
-            self._seen.popitem(last=False)
-        self.totals["hits" if hit else "misses"] += 1
-        self.totals["hit_tokens"] += matched
-        _gauges("hits" if hit else "misses")
-
-
-LOT = ParkingLot()
+META_KEY = "kv_compression"
+STREAMING_SESSION = "sglang.srt.session.streaming_session.StreamingSession"
+RADIX_CACHE = "sglang.srt.mem_cache.unified_radix_cache.UnifiedRadixCache"
+SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
 
 
 def _gauges(event: Optional[str] = None) -> None:
-    from lava_sglang.engine import metrics
-
-    metrics.parking(snapshot(), event)
+    metrics.parking(parking_snapshot(), event)
 
 
-# --------------------------------------------------------------------------------------------
-# what a record holds
-# --------------------------------------------------------------------------------------------
-
-def held_slots(kv) -> int:
-    """Private slots a record holds: its range past the shared prefix, less what compression freed."""
-    if not kv.holds_kv:
-        return 0
-    held = max(0, int(kv.kv_allocated_len) - int(kv.cache_protected_len))
-    state = REGISTRY.compressed.get(int(kv.req_pool_idx))
-    if state is not None:
-        lo, hi = state.freed_range
-        lo, hi = max(lo, int(kv.cache_protected_len)), min(hi, int(kv.kv_allocated_len))
-        held -= max(0, hi - lo)
-    return held
-
-
-def idle_parked_rows() -> set:
-    return {int(rec.kv.req_pool_idx) for rec in LOT.idle_records()}
-
-
-def idle_held_slots() -> int:
-    return sum(held_slots(rec.kv) for rec in LOT.idle_records())
-
-
-def snapshot() -> dict:
-    records = [rec for rec in LOT.records.values() if rec.kv.holds_kv]
-    return {"parked_conversations": len(records), "parked_idle": len(LOT.idle_records()),
-            "parked_slots": sum(held_slots(rec.kv) for rec in records),
-            **{f"park_{k}": v for k, v in LOT.totals.items()}}
+def max_conversations(cache) -> int:
+    """``--kv-park-max-conversations``, or half the request rows (each record holds one)."""
+    cap = server_config().park_max_conversations
+    if cap <= 0:
+        rows = getattr(getattr(cache, "req_to_token_pool", None), "size", 0) or 0
+        cap = max(1, int(rows) // 2)
+    LOT.max_conversations = cap
+    return cap
 
 
 def _enabled_for(req) -> bool:
-    from lava_sglang.engine.hooks import request_config
-
     config = request_config(req)
     return config.enabled and config.park
-
-
-def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
-    n = min(a.numel(), b.numel())
-    if n == 0:
-        return 0
-    diff = torch.nonzero(a[:n] != b[:n])
-    return int(diff[0, 0]) if diff.numel() else n
 
 
 def _key_tensor(key) -> torch.Tensor:
@@ -182,63 +97,74 @@ def _key_tensor(key) -> torch.Tensor:
 # releasing a record
 # --------------------------------------------------------------------------------------------
 
-def _release(cache, rec: Parked, reason: str) -> int:
+def release(cache, rec: Parked, reason: str) -> int:
     """Free an idle record: its tree lock, its row's private slots (``free_kv_row``, which skips
     what compression freed), the row and its compressed state. Returns the slots freed."""
-    from lava_sglang.engine.accounting import after_release
-
-    LOT.records.pop(rec.id, None)
     freed = held_slots(rec.kv)
-    cache.unlock(rec.lock)
+    LOT.remove(rec)
+    if rec.lock is not None:
+        cache.unlock(rec.lock)
     rec.lock = None
     kv = rec.kv
     row = int(kv.req_pool_idx) if kv.holds_kv else None
     if row is not None:
         cache.free_kv_row(kv, [(kv.cache_protected_len, kv.kv_allocated_len)])
         cache.req_to_token_pool.free(rec)
-        if REGISTRY.compressed.pop(row, None) is not None:
-            REGISTRY.totals["released_requests"] += 1
     logger.info("lava-sglang: parked conversation %s released (%s): %d slots freed", rec.id, reason, freed)
-    after_release(cache, row)
+    forget(cache, row)
     return freed
 
 
 def _hand_back(rec: Parked, req) -> None:
     """A borrowing request leaves with the record (abort, retraction, parking off): the record
     and the tree lock become the request's, and SGLang releases them as any request's."""
-    LOT.records.pop(rec.id, None)
+    LOT.remove(rec)
     req.lock, rec.lock = rec.lock, None
     LOT.totals["dropped"] += 1
 
 
-def evict_parked(cache, need_slots: int, reason: str = "memory") -> int:
+def give_back_unused(rec: Parked, req) -> None:
+    """A borrower that ran nothing returns the record idle, as it is now."""
+    from sglang.srt.managers.schedule_batch import ReqKvInfo
+
+    rec.held = held_slots(rec.kv)
+    LOT.give_back(rec)
+    req.kv = ReqKvInfo()
+
+
+def evict_parked(cache, need_slots: int, reason: str = "memory", rows: int = 0) -> int:
     """Release idle parked conversations, least recently used first, until ``need_slots`` slots
-    are freed or none is left. Returns the slots freed."""
-    freed = 0
-    for rec in LOT.idle_records():
-        if freed >= need_slots:
+    and ``rows`` request rows are freed or none is left. Returns the slots freed."""
+    freed, freed_rows = 0, 0
+    for rec in LOT.lru_idle():
+        if freed >= need_slots and freed_rows >= rows:
             break
-        freed += _release(cache, rec, reason)
+        freed_rows += 1 if rec.kv.holds_kv else 0
+        freed += release(cache, rec, reason)
         LOT.totals["evictions"] += 1
         _gauges("evictions")
     LOT.totals["evicted_slots"] += freed
     return freed
 
 
-def _enforce_cap(cache, incoming: int) -> bool:
-    """Make room under ``--kv-park-max-slots`` for a record of ``incoming`` slots; False when it
-    cannot fit even alone."""
-    from lava_sglang.engine.hooks import server_config
-
+def _enforce_caps(cache, incoming: int, new_record: bool) -> bool:
+    """Make room under both caps for a record of ``incoming`` idle slots (a new one, or a
+    borrowed one parking again); False when it cannot fit."""
     cap = server_config().park_max_slots
-    if cap <= 0:
-        return True
-    if incoming > cap:
-        return False
-    held = sum(held_slots(rec.kv) for rec in LOT.records.values())
-    if held + incoming > cap:
-        evict_parked(cache, held + incoming - cap, reason="--kv-park-max-slots")
-    return True
+    if cap > 0:
+        if incoming > cap:
+            return False
+        if LOT.idle_slots + incoming > cap:
+            evict_parked(cache, LOT.idle_slots + incoming - cap, reason="--kv-park-max-slots")
+        if LOT.idle_slots + incoming > cap:
+            return False
+    limit = max_conversations(cache)
+    over = len(LOT) + (1 if new_record else 0) - limit
+    if over > 0:
+        before = len(LOT)
+        evict_parked(cache, 0, reason="--kv-park-max-conversations", rows=over)
+        LOT.totals["evicted_over_count"] += before - len(LOT)
+    return len(LOT) + (1 if new_record else 0) <= limit
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,28 +180,33 @@ def _lend(session, req, rec: Parked, prefix_len: int):
     if kv.kv_allocated_len > prefix_len:
         session._free_tail(kv, prefix_len)  # the record's tail the request does not repeat
     req.kv = kv
-    rec.borrower = weakref.ref(req)
-    rec.lent_len = prefix_len
-    LOT.records.move_to_end(rec.id)
+    req.skip_radix_cache_insert = True  # a compressed row is never published to the tree
+    LOT.lend(rec, req, prefix_len)
     return MatchResult(device_prefix_len=prefix_len, last_device_node=rec.node, last_host_node=rec.node,
                        best_match_node=rec.node, cache_protected_len=kv.cache_protected_len)
 
 
-def _find(key, tokens: torch.Tensor) -> tuple[Optional[Parked], int]:
-    """The idle record covering most of ``tokens`` past its compressed range, and the match length."""
-    best, best_len = None, -1
-    for rec in LOT.idle_records():
-        if rec.extra_key != key.extra_key or rec.cache_salt != getattr(key, "cache_salt", None):
-            continue
-        state = REGISTRY.compressed.get(int(rec.kv.req_pool_idx))
-        if state is None:
-            continue
-        n = min(_common_prefix(tokens, rec.tokens), int(rec.kv.kv_committed_len), tokens.numel())
-        if n < state.prompt_len:  # the compressed range is append-only: the request must repeat all of it
-            continue
-        if n >= best_len:  # later records are more recently used
-            best, best_len = rec, n
-    return best, best_len
+def _note(req, text: str) -> None:
+    """``meta_info["kv_compression"][0]["parked"]`` (kept when the request is compressed later)."""
+    if req.customized_info is None:
+        req.customized_info = {}
+    req.customized_info[META_KEY] = [{"parked": text}]
+
+
+def _find(req, key, tokens: torch.Tensor) -> tuple[Optional[Parked], int]:
+    """The idle record the request continues, if the request's settings are the conversation's."""
+    rec, n = LOT.lookup(tokens, (key.extra_key, getattr(key, "cache_salt", None)), int(tokens.numel()))
+    if rec is None:
+        return None, -1
+    mine = conversation_settings(request_config(req))
+    if mine != rec.settings:
+        theirs = dict(rec.settings)
+        diff = ", ".join(f"{k} {v!r} vs {theirs.get(k)!r}" for k, v in mine if theirs.get(k) != v)
+        if LOT.count_once(req.rid, hit=False):
+            LOT.totals["not_borrowed_settings"] += 1
+        _note(req, f"not borrowed: settings differ from the parked conversation's ({diff}); prefilled afresh")
+        return None, -1
+    return rec, n
 
 
 def around_try_match_prefix(original, self, params, *args, **kwargs):
@@ -285,18 +216,24 @@ def around_try_match_prefix(original, self, params, *args, **kwargs):
     req = params.req
     if result is not None or req is None or getattr(req, "session", None) is not None:
         return result
-    rec = LOT.borrowed(req) if LOT.records else None
+    rec = LOT.borrowed(req) if len(LOT) else None
     if rec is None and (req.kv.holds_kv or req.to_finish is not None or not _enabled_for(req)):
         return result  # a request holding its own row (a later chunk), an aborted one, parking off
     tokens = _key_tensor(params.key)
-    if rec is not None:  # matched again while waiting: the same record, the same match
-        n = min(_common_prefix(tokens, rec.tokens), int(rec.kv.kv_committed_len), tokens.numel())
-        return _lend(self, req, rec, n)
-    rec, n = _find(params.key, tokens)
+    if rec is not None:  # matched again while waiting: the same record, unless this match is shorter
+        n = min(common_prefix(tokens, rec.tokens), int(rec.kv.kv_committed_len), tokens.numel())
+        if n < rec.prompt_len and int(rec.kv.kv_allocated_len) == rec.lent_len:
+            # e.g. a cache-aware policy matched without a key limit, admission with logprob_start_len:
+            # this match cannot reuse the compressed range, so the request prefills afresh
+            give_back_unused(rec, req)
+            return result
+        return _lend(self, req, rec, max(n, rec.prompt_len) if n < rec.prompt_len else n)
+    rec, n = _find(req, params.key, tokens)
     if rec is None:
         LOT.count_once(req.rid, hit=False)
         return result
-    LOT.count_once(req.rid, hit=True, matched=n)
+    if LOT.count_once(req.rid, hit=True, matched=n):
+        _gauges("hits")
     logger.info("lava-sglang: request %s continues parked conversation %s: %d of %d tokens held", req.rid, rec.id,
                 n, tokens.numel() + 1)
     return _lend(self, req, rec, n)
@@ -324,14 +261,14 @@ def around_claim_kv_row(original, self, req, *args, **kwargs):
         return True
     from sglang.srt.managers.schedule_batch import FINISH_ABORT
 
-    rec = LOT.borrowed(req)
+    rec = LOT.borrowed(req) if len(LOT) else None
     kv = req.kv
     row = int(kv.req_pool_idx) if kv.holds_kv else None
     state = REGISTRY.compressed.get(row) if row is not None else None
     finished = req.finished() and not isinstance(req.finished_reason, FINISH_ABORT)
     # Without a tree (--disable-radix-cache) SGLang never evicts, so parked memory could not be
     # given back: nothing is parked.
-    parkable = (finished and getattr(req, "session", None) is None and state is not None and state.rid == req.rid
+    parkable = (finished and getattr(req, "session", None) is None and state is not None and owns(state, req)
                 and not getattr(self, "disable", False) and _enabled_for(req))
     if not parkable:
         if rec is not None:
@@ -342,69 +279,44 @@ def around_claim_kv_row(original, self, req, *args, **kwargs):
         return False
     tokens, target = _finished_tokens(req)
     _trim(self, kv, target)
-    if not _enforce_cap(self, held_slots(kv) if rec is None else 0):
+    held = held_slots(kv)
+    if not _enforce_caps(self, held, new_record=rec is None):
         LOT.totals["not_parked_over_cap"] += 1
         if rec is not None:
             _hand_back(rec, req)
         return False
+    settings = conversation_settings(state.config)
     if rec is None:
         from sglang.srt.session.streaming_session import _VirtualNode
 
-        key_extra = getattr(req, "extra_key", None)
-        rec = Parked(id=LOT.new_id(), kv=kv, lock=req.lock, node=_VirtualNode(), tokens=tokens, extra_key=key_extra,
-                     cache_salt=getattr(req, "cache_salt", None) or None)
+        rec = Parked(id=LOT.new_id(), kv=kv, lock=req.lock, node=_VirtualNode(), tokens=tokens,
+                     prompt_len=state.prompt_len, held=held, settings=settings,
+                     namespace=(getattr(req, "extra_key", None), getattr(req, "cache_salt", None) or None))
         req.lock = None
-        LOT.records[rec.id] = rec
+        LOT.add(rec)
     else:
-        rec.tokens, rec.turns = tokens, rec.turns + 1
-        LOT.records.move_to_end(rec.id)
-    rec.borrower = None
-    rec.parked_at = time.monotonic()
+        LOT.repark(rec, tokens, state.prompt_len, held, settings)
     req.detach_kv()
     LOT.totals["parked"] += 1
     logger.info("lava-sglang: request %s parked as %s (turn %d, %d tokens, %d slots)", req.rid, rec.id, rec.turns,
-                tokens.numel(), held_slots(kv))
+                tokens.numel(), held)
     _gauges()
     return True
 
 
 def after_session_records(result, self, *args, **kwargs):
     """``UnifiedRadixCache.session_records``: parked records are records no request owns."""
-    if LOT.records:
+    if len(LOT):
         result = dict(result)
         result.update({rec.id: rec.kv for rec in LOT.records.values()})
-    return result
-
-
-def after_evictable_size(result, self, *args, **kwargs):
-    """``UnifiedRadixCache.evictable_size``: idle parked slots are evictable (admission counts them)."""
-    return result + idle_held_slots() if LOT.records else result
-
-
-def around_evict(original, self, params, *args, **kwargs):
-    """``UnifiedRadixCache.evict``: the tree first, then idle parked conversations (LRU)."""
-    result = original(self, params, *args, **kwargs)
-    short = int(getattr(params, "num_tokens", 0) or 0) - int(result.num_tokens_evicted)
-    if short > 0 and LOT.records:
-        result.num_tokens_evicted += evict_parked(self, short)
-    return result
-
-
-def around_evict_for_alloc(original, self, params, *args, **kwargs):
-    """``UnifiedRadixCache.evict_for_alloc``: as ``around_evict``, towards the allocation's target."""
-    allocator = self.token_to_kv_pool_allocator
-    target = allocator.available_size() + int(getattr(params, "num_tokens", 0) or 0)
-    result = original(self, params, *args, **kwargs)
-    short = target - allocator.available_size()
-    if short > 0 and LOT.records:
-        result.num_tokens_evicted += evict_parked(self, short)
     return result
 
 
 def after_reset(result, self, *args, **kwargs):
     """``UnifiedRadixCache.reset`` (``/flush_cache``, idle only): the pools are cleared next, so
     every parked record and every compressed state goes without freeing slot by slot."""
-    LOT.records.clear()
+    for rec in list(LOT.records.values()):
+        LOT.remove(rec)
     REGISTRY.compressed.clear()
     REGISTRY.pending.clear()
     return result
@@ -413,11 +325,17 @@ def after_reset(result, self, *args, **kwargs):
 def after_release_aborted_request(result, self, req, *args, **kwargs):
     """``Scheduler._release_aborted_request``: a request aborted while waiting, before anything of
     it ran, gives the record it borrowed back untouched."""
-    rec = LOT.borrowed(req) if LOT.records else None
+    rec = LOT.borrowed(req) if len(LOT) else None
     if rec is not None and int(rec.kv.kv_allocated_len) == rec.lent_len and self.chunked_req is not req:
-        from sglang.srt.managers.schedule_batch import ReqKvInfo
-
-        rec.borrower = None
-        req.kv = ReqKvInfo()
+        give_back_unused(rec, req)
         logger.info("lava-sglang: request %s aborted while waiting; parked conversation %s stays", req.rid, rec.id)
     return result
+
+
+HOOKS = [
+    (f"{STREAMING_SESSION}.try_match_prefix", around_try_match_prefix, "AROUND", True),
+    (f"{RADIX_CACHE}.claim_kv_row", around_claim_kv_row, "AROUND", True),
+    (f"{RADIX_CACHE}.session_records", after_session_records, "AFTER", True),
+    (f"{RADIX_CACHE}.reset", after_reset, "AFTER", True),
+    (f"{SCHEDULER}._release_aborted_request", after_release_aborted_request, "AFTER", True),
+]

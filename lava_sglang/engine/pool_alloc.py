@@ -15,22 +15,20 @@ saver region, both kept as SGLang has them.
 from __future__ import annotations
 
 import logging
-import sys
 from contextlib import nullcontext
+
+from lava_sglang.engine.settings import refuse_to_start, server_config
 
 logger = logging.getLogger("lava_sglang")
 
+MHA_POOL = "sglang.srt.mem_cache.memory_pool.MHATokenToKVPool"
+
 
 def _refuse(message: str) -> None:
-    message = "lava-sglang: " + message
-    logger.error(message)
-    print(message, file=sys.stderr, flush=True)
-    raise SystemExit(1)
+    refuse_to_start("lava-sglang: " + message)
 
 
 def around_create_buffers_normal(original, self, *args, **kwargs):
-    from lava_sglang.engine.hooks import server_config
-
     if not server_config().enabled:
         return original(self, *args, **kwargs)
     layout = getattr(self, "kv_cache_layout", "nhd")
@@ -57,8 +55,6 @@ def around_create_buffers_normal(original, self, *args, **kwargs):
 def after_create_buffers(result, self, *args, **kwargs):
     """``MHATokenToKVPool._create_buffers`` (AFTER), every MHA pool class: its cell space must
     exist and fit the kernels' indices, or the scheduler stops here with one line."""
-    from lava_sglang.engine.hooks import server_config
-
     if not server_config().enabled:
         return result
     import torch
@@ -73,3 +69,9 @@ def after_create_buffers(result, self, *args, **kwargs):
     if why:
         _refuse(f"--kv-policy {server_config().policy} cannot run: {why}")
     return result
+
+
+HOOKS = [
+    (f"{MHA_POOL}._create_buffers_normal", around_create_buffers_normal, "AROUND", True),
+    (f"{MHA_POOL}._create_buffers", after_create_buffers, "AFTER", True),
+]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -46,6 +47,9 @@ class PendingRequest:
     prefill_seconds: float = 0.0  # forward time of the batches that prefilled it (shared with their other requests)
     # Re-prefill after a retraction: the selection to apply again instead of scoring.
     replay: Optional["RetractedRequest"] = None
+    # The SGLang request this state serves (``owns``): a rid is the client's label, and a
+    # client may reuse it, so "the same request" is decided by identity, never by rid.
+    owner: Optional[weakref.ref] = None
 
     @property
     def window(self) -> int:
@@ -74,6 +78,7 @@ class CompressedRequest:
     # After a rewind (continuation.rewind), for the next extend forward only: per layer
     # (original cells, new cells) of the re-extended positions.
     restore: Optional[list] = None
+    owner: Optional[weakref.ref] = None  # the request the state serves now (``owns``)
 
     @property
     def freed_range(self) -> tuple[int, int]:
@@ -90,6 +95,20 @@ class RetractedRequest:
     prefix_len: int
     prompt_len: int
     keep: list
+    owner: Optional[weakref.ref] = None
+
+
+def owner_ref(req) -> Optional[weakref.ref]:
+    try:
+        return weakref.ref(req)
+    except TypeError:  # not weak-referenceable (never an SGLang Req)
+        return None
+
+
+def owns(state, req) -> bool:
+    """Whether ``state`` (pending, compressed or retracted) serves the request object ``req``."""
+    ref = getattr(state, "owner", None)
+    return ref is not None and ref() is req
 
 
 class Registry:
@@ -102,6 +121,9 @@ class Registry:
         # a request aborted while waiting never comes back for its entry).
         self.retracted: "collections.OrderedDict[str, RetractedRequest]" = collections.OrderedDict()
         self.lock = threading.Lock()
+        self.scheduler = None  # this process's Scheduler (set when it starts; engine.startup)
+        # Rows examined at their first prefill and not chosen for compression: row -> request (weak).
+        self.not_compressed: dict = {}
         self.totals = {"compressed_requests": 0, "kept_cells": 0, "freed_slots": 0, "compression_seconds": 0.0,
                        "released_requests": 0, "retracted_requests": 0, "replayed_requests": 0,
                        "continued_turns": 0, "reselections": 0, "earlier_kept_cells_dropped": 0,
@@ -110,9 +132,13 @@ class Registry:
     def compressed_for(self, row: Optional[int]) -> Optional[CompressedRequest]:
         return None if row is None else self.compressed.get(int(row))
 
+    def examined_not_compressed(self, row: int, req) -> bool:
+        ref = self.not_compressed.get(row)
+        return ref is not None and ref() is req
+
     def remember_retracted(self, state: CompressedRequest, limit: int = 4096) -> None:
         self.retracted[state.rid] = RetractedRequest(state.rid, state.config, state.prefix_len, state.prompt_len,
-                                                     state.keep)
+                                                     state.keep, owner=state.owner)
         while len(self.retracted) > limit:
             self.retracted.popitem(last=False)
         self.totals["retracted_requests"] += 1

@@ -1,0 +1,65 @@
+"""What a compression (or a re-selection) reports: the totals, the Prometheus metrics, the
+response's ``meta_info["kv_compression"]``, the log line and the debug invariants; and the nudge
+that lets the scheduler admit again into the memory compression just freed. No SGLang import at
+module level.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from lava_sglang.engine import metrics
+from lava_sglang.engine.accounting import debug_check
+from lava_sglang.engine.state import REGISTRY
+
+logger = logging.getLogger("lava_sglang")
+
+META_KEY = "kv_compression"
+STREAMER = "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer"
+
+
+def memory_freed() -> None:
+    """Let the scheduler try to admit again: SGLang marks the running batch full when a prefill
+    did not fit and clears the mark only when a request finishes. Compression returns slots at
+    once, so without this the freed memory would sit idle until the next request finished."""
+    running = getattr(REGISTRY.scheduler, "running_batch", None)
+    if running is not None:
+        running.batch_is_full = False
+
+
+def attach(req, report: dict) -> None:
+    """``meta_info["kv_compression"] = [report]`` (a note about parked conversations is kept)."""
+    if req.customized_info is None:
+        req.customized_info = {}
+    earlier = (req.customized_info.get(META_KEY) or [{}])[0]
+    note = {"parked": earlier["parked"]} if isinstance(earlier, dict) and "parked" in earlier else {}
+    req.customized_info[META_KEY] = [dict(report, **note)]
+
+
+def record(worker, req, report: dict, first: bool) -> None:
+    """Everything one compression (``first``) or re-selection of a continued turn reports."""
+    memory_freed()
+    totals = REGISTRY.totals
+    if first:
+        totals["compressed_requests"] += 1
+        totals["kept_cells"] += report["kept_cells"]
+    totals["freed_slots"] += report["slots_freed"]
+    totals["compression_seconds"] += report["compression_ms"] / 1000
+    metrics.record(report)
+    attach(req, report)
+    r = report
+    logger.info("lava-sglang: %s %s: policy=%s prompt=%d shared=%d kept_cells=%d slots_held=%d freed=%d "
+                "packing=%.2f %.1f ms (prefill %.1f ms)%s", "compressed" if first else "re-selected", req.rid,
+                r["policy"], r["prompt_tokens"], r["shared_prefix_tokens"], r["kept_cells"], r["slots_held"],
+                r["slots_freed"], r["packing_efficiency"], r["compression_ms"], r["prefill_ms"],
+                "" if first else f" turn {r.get('turn')}, earlier kept cells dropped {r.get('earlier_kept_cells_dropped')}")
+    debug_check(worker)
+
+
+def around_is_request_level_key(original, self, key):
+    return key == META_KEY or original(self, key)
+
+
+HOOKS = [
+    (f"{STREAMER}.is_request_level_customized_info_key", around_is_request_level_key, "AROUND", True),
+]

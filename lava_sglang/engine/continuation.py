@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 
 from lava_sglang.engine.cells import pool_cells
-from lava_sglang.engine.compress import make_report, pack_and_free
+from lava_sglang.engine.compress import Candidates, make_report, select_and_pack
 from lava_sglang.engine.failures import fail_request, inject
 from lava_sglang.engine.report import attach, record
 from lava_sglang.engine.settings import request_config, should_compress
@@ -114,7 +114,7 @@ def reselect(state: CompressedRequest, req_to_token: torch.Tensor, kv_pool, allo
     pend, state.reselect = state.reselect, None
     cfg, row, P, L, end = pend.config, state.row, state.prefix_len, state.prompt_len, pend.prompt_len
     w = cfg.window
-    policy = get_policy(cfg.policy)
+    policy = get_policy(cfg.policy)  # scoring; selection is select_and_pack's
     space = pool_cells(kv_pool)
     H = space.n_kv_heads
     k_flat, v_flat = space.k_flat, space.v_flat
@@ -137,27 +137,17 @@ def reselect(state: CompressedRequest, req_to_token: torch.Tensor, kv_pool, allo
                              mids[h], space.cells(layer, appended, h), P)
             rows[h, :s.numel()] = s  # a head with fewer candidates is padded with zeros, dropped below
         scores.append(rows)
-    sel = policy.select(cfg, scores, P, P + n_max + w)
-    if not sel.compressed:
-        return None
-    sources, keep, lens, dropped = [], [], [], 0
-    for layer in range(n_layers):
-        src_l, keep_l, lens_l = [], [], []
-        for h in range(H):
-            m_h = int(m[layer, h])
-            pos = sel.keep[layer][h].to(torch.long) - P
-            old = pos[pos < m_h]
-            new = torch.cat([pos[(pos >= m_h) & (pos < m_h + A - w)] - m_h, pos[pos >= n_max] - n_max + A - w])
-            src_l.append(torch.cat([heads[layer][h][old], space.cells(layer, appended[new], h)]))
-            keep_l.append(torch.cat([state.keep[layer][h][old.cpu()], (L + new).cpu()]))
-            lens_l.append(int(old.numel() + new.numel()))
-            dropped += m_h - int(old.numel())
-        sources.append(torch.cat(src_l))
-        keep.append(keep_l)
-        lens.append(lens_l)
+    candidates = [[Candidates(torch.cat([heads[layer][h], space.cells(layer, appended, h)]),
+                              torch.cat([state.keep[layer][h].cpu(), torch.arange(L, end, dtype=torch.long)]),
+                              int(m[layer, h]) + A - w) for h in range(H)] for layer in range(n_layers)]
     owned = torch.cat([slots[P:P + state.kept_slots], appended])
+    packed = select_and_pack(cfg, candidates, scores, P, owned, req_to_token, row, space, allocator, end)
+    if packed is None:
+        return None
     earlier = int(m.sum())
-    kept_slots, mid_cells, freed = pack_and_free(sources, owned, req_to_token, row, P, space, allocator, end)
+    dropped = sum(int(m[layer, h]) - int((idx < int(m[layer, h])).sum())
+                  for layer in range(n_layers) for h, idx in enumerate(packed.chosen[layer]))
+    keep, kept_slots, mid_cells, freed, lens = packed.keep, packed.kept_slots, packed.mid_cells, packed.slots_freed, packed.lens
     state.prompt_len, state.kept_slots, state.mid_cells = end, kept_slots, mid_cells
     state.mid_lens = torch.tensor(lens, dtype=torch.long)
     state.keep, state.config = keep, cfg

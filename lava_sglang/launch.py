@@ -2,7 +2,7 @@
 
 Used by the README's main job (``lava_sglang.demo``), the integration tests and the benchmarks.
 On a machine without CUDA it selects SGLang's CPU engine with the flags that serve correct
-generations there (DESIGN.md section 3): ``--device cpu --attention-backend torch_native
+generations there (``docs/design.md``, "Hooks and the CPU engine"): ``--device cpu --attention-backend torch_native
 --dtype float32`` and ``SGLANG_USE_CPU_ENGINE=1``.
 """
 

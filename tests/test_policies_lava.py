@@ -1,4 +1,4 @@
-"""LAVa step by step, written from the paper / DESIGN.md section 2 and the reference code's
+"""LAVa step by step, written from the paper (``docs/design.md``, "Compression") and the reference code's
 behaviour (github.com/MGDDestiny/Lava, ``LavaKVCluster.calcul_attn_score`` and the layer
 split in ``adaptive_mistral_hijack_lava.py``), independently of lava_sglang's helpers."""
 

@@ -5,7 +5,7 @@ A request goes through two states:
 * :class:`PendingRequest` from its first prefill chunk (when it was chosen for compression)
   until its prompt is fully prefilled: it collects the window queries layer by layer.
 * :class:`CompressedRequest` from compression until release: the layout of what it keeps
-  (DESIGN.md section 5): shared prefix ``row[0:P]`` untouched, kept cells packed into the
+  (``docs/design.md``, "Memory layout"): shared prefix ``row[0:P]`` untouched, kept cells packed into the
   slots ``row[P:P+K]``, slots ``row[P+K:L]`` returned to the allocator, decode tokens at
   ``row[L:]``.
 

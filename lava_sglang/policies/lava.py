@@ -1,4 +1,4 @@
-"""LAVa (arXiv 2509.09754; reference code github.com/MGDDestiny/Lava), DESIGN.md section 2.
+"""LAVa (arXiv 2509.09754; reference code github.com/MGDDestiny/Lava); ``docs/design.md``, "Compression".
 
 Score of private non-window key ``j`` in layer ``l``, KV head ``kvh``::
 

@@ -1,8 +1,8 @@
 """Shared scoring steps of the attention-based policies (SnapKV, PyramidKV, AdaKV, LAVa).
 
 Pure torch, engine-free (never imports SGLang). These small functions are also the torch
-reference for the fused GPU scoring kernel, so each one does exactly one step of DESIGN.md
-section 2 and documents its shapes.
+reference of the scoring steps (``docs/design.md``, "Compression"): each one does exactly one
+step and documents its shapes.
 
 Conventions shared by every function here (one request, one layer):
 

@@ -1,8 +1,10 @@
 """Compression inside the real SGLang server (CPU engine, default model), over HTTP.
 
-One LAVa server (budget 128) serves most tests; other policies and budgets are chosen per
-request through ``sampling_params.custom_params`` (the same engine code path). Prompts differ
-between tests so the radix cache never hands one test's prompt to another.
+One LAVa server (budget 128, the ``lava`` configuration of ``tests/conftest.py``) serves most
+tests; other policies and budgets are chosen per request through ``sampling_params.custom_params``
+(the same engine code path). The chunked-prefill cases run on the ``lava-chunked`` configuration
+(256-token chunks, debug invariants on), the one the session tests use. Prompts differ between
+tests so the radix cache never hands one test's prompt to another.
 """
 
 from __future__ import annotations
@@ -18,11 +20,18 @@ import pytest
 from lava_sglang.launch import http_json, leaked_slots, settled, stream_generate
 from lava_sglang.workloads import default_corpus_dir, haystack, load_corpus, passkey_task
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.server_configs("lava")]
 
-LAVA = ("--kv-policy", "lava", "--kv-budget", "128")
-CHUNKED = ("--kv-policy", "lava", "--kv-budget", "128", "--chunked-prefill-size", "256")
 POLICIES = ("streamingllm", "snapkv", "pyramidkv", "adakv", "lava")
+
+
+# whole-prompt prefill on the ``lava`` server, 256-token chunks on the ``lava-chunked`` one
+PREFILL = [pytest.param(False, id="whole", marks=pytest.mark.server_configs("lava")),
+           pytest.param(True, id="chunked", marks=pytest.mark.server_configs("lava-chunked"))]
+
+
+def lava(servers, chunked=False):
+    return servers.config("lava-chunked" if chunked else "lava")
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +66,11 @@ def assert_no_leak(server):
     assert settled(m) and leaked_slots(m) == 0, m
 
 
-@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
+@pytest.mark.parametrize("chunked", PREFILL)
 @pytest.mark.parametrize("policy", POLICIES)
 def test_budget_covering_prompt_is_exact(servers, corpus, tokenizer, policy, chunked):
     """Budget above the private range: nothing is dropped, output identical to no compression."""
-    server = servers.get(*(CHUNKED if chunked else LAVA))
+    server = lava(servers, chunked)
     task = passkey_task(600, seed=100 + POLICIES.index(policy) + 10 * chunked, depth=0.3, corpus=corpus, tokenizer=tokenizer)
     out = generate(server, task.prompt, policy=policy, budget=4096)
     assert report(out) is None  # not compressed
@@ -71,12 +80,12 @@ def test_budget_covering_prompt_is_exact(servers, corpus, tokenizer, policy, chu
     assert ref["meta_info"]["prompt_tokens"] >= out["meta_info"]["prompt_tokens"]
 
 
-@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
+@pytest.mark.parametrize("chunked", PREFILL)
 @pytest.mark.parametrize("policy", ["snapkv", "streamingllm"])
 def test_real_compression_of_few_tokens_keeps_output(servers, corpus, tokenizer, policy, chunked):
     """Compression that drops only a few dozen tokens per head really runs (slots freed, decode
     over the per-head lists) and greedy output stays identical to the uncompressed request."""
-    server = servers.get(*(CHUNKED if chunked else LAVA))
+    server = lava(servers, chunked)
     task = passkey_task(900, seed=200 + 10 * chunked + (policy == "snapkv"), depth=0.5, corpus=corpus, tokenizer=tokenizer)
     ids = tokenizer.encode(task.prompt)
     out = generate(server, input_ids=ids, policy=policy, budget=len(ids) - 40)
@@ -90,7 +99,7 @@ def test_real_compression_of_few_tokens_keeps_output(servers, corpus, tokenizer,
 
 def test_compression_report_and_memory(servers, corpus, tokenizer):
     """A 4k-token request at budget 128: the report matches the layout, memory really returns."""
-    server = servers.get(*LAVA)
+    server = lava(servers)
     before = wait_idle(server)
     ids = tokenizer.encode(passkey_task(4000, seed=300, corpus=corpus, tokenizer=tokenizer).prompt)
     out = generate(server, input_ids=ids, max_new_tokens=8)
@@ -110,7 +119,7 @@ def test_compression_report_and_memory(servers, corpus, tokenizer):
 
 def test_slots_return_to_allocator_while_decoding(servers, corpus, tokenizer):
     """While a compressed request decodes, the pool holds only its P + K + generated slots."""
-    server = servers.get(*LAVA)
+    server = lava(servers)
     wait_idle(server)
     server.flush_cache()  # parked conversations of earlier tests would count in the pool's use
     base = wait_idle(server)
@@ -132,7 +141,7 @@ def test_slots_return_to_allocator_while_decoding(servers, corpus, tokenizer):
 
 
 def test_shared_prefix_is_reused_and_never_compressed(servers, corpus, tokenizer):
-    server = servers.get(*LAVA)
+    server = lava(servers)
     task = passkey_task(1000, seed=400, depth=0.5, corpus=corpus, tokenizer=tokenizer)
     prefix_text = task.prompt.rsplit("\n\nWhat is the pass key?", 1)[0]
     prefix = tokenizer.encode(prefix_text)
@@ -157,7 +166,7 @@ def test_several_requests_prefilled_in_one_batch(servers, corpus, tokenizer):
     """Concurrent requests (batched prefill and decode, mixed compressed / uncompressed): each
     compressed request drops a few tokens per head (snapkv, budget = prompt - 40) and must keep
     the greedy output of its uncompressed twin; one request in the batch is not compressed."""
-    server = servers.get(*LAVA)
+    server = lava(servers)
     prompts = [tokenizer.encode(passkey_task(900, seed=500 + i, depth=0.5, corpus=corpus, tokenizer=tokenizer).prompt)
                for i in range(4)]
     results = [None] * 4
@@ -189,7 +198,7 @@ def test_passkey_retrieved_whenever_full_cache_retrieves_it(servers, corpus, tok
     (benchmarks/results/quality/kvpress_reference_128.json). Measured on these seeds: none finds
     3/5; lava finds 1 of those 3 at 128, 2 at 256, 3 at 512.
     """
-    server = servers.get(*LAVA)
+    server = lava(servers)
     found_by_none = 0
     for seed, depth in ((600, 0.2), (601, 0.5), (602, 0.8), (603, 0.35), (604, 0.65)):
         task = passkey_task(1500, seed=seed, depth=depth, corpus=corpus, tokenizer=tokenizer)
@@ -203,7 +212,7 @@ def test_passkey_retrieved_whenever_full_cache_retrieves_it(servers, corpus, tok
 
 
 def test_bad_request_settings_are_rejected_and_server_keeps_serving(servers):
-    server = servers.get(*LAVA)
+    server = lava(servers)
     for custom, field in (({"kv_budget": 8}, "kv_budget"), ({"kv_policy": "h2o"}, "kv_policy"),
                           ({"kv_floor_alpha": 2}, "kv_floor_alpha"), ({"kv_bogus": 1}, "kv_bogus"),
                           ({"kv_budget": "many"}, "kv_budget")):
@@ -220,17 +229,24 @@ def test_bad_request_settings_are_rejected_and_server_keeps_serving(servers):
 GOLDEN = Path(__file__).parent / "golden" / "layout_outputs.json"
 
 
+# The golden cases checked: every policy at both budgets on the ~900-token prompt (the ~1500-token
+# prompt's ten cases are recorded too; they cost twice as long and exercise the same code).
+GOLDEN_PROMPTS = (0,)
+
+
 def test_outputs_equal_those_recorded_before_exact_packing(servers):
-    """Every policy under real compression (budgets 64 and 128, prompts of ~900 and ~1500 tokens)
-    gives the greedy output ids recorded by ``tests/golden/record_layout_outputs.py`` on the
-    code before exact packing (``recorded_from_commit``): the memory layout moved every kept
-    cell, the attention over them is the same."""
+    """Every policy under real compression (budgets 64 and 128, the ~900-token prompt) gives the
+    greedy output ids recorded by ``tests/golden/record_layout_outputs.py`` on the code before
+    exact packing (``recorded_from_commit``): the memory layout moved every kept cell, the
+    attention over them is the same."""
     golden = json.loads(GOLDEN.read_text())
-    server = servers.get(*LAVA)
+    server = lava(servers)
     assert " ".join(golden["server_flags"]) in " ".join(server.command), server.command  # recorded on the same server
     server.flush_cache()  # parked conversations of earlier tests: not needed, but a clean pool
+    cases = [case for case in golden["cases"] if case["prompt"] in GOLDEN_PROMPTS]
+    assert {(c["policy"], c["budget"]) for c in cases} == {(p, b) for p in POLICIES for b in (64, 128)}, cases
     mismatched = []
-    for case in golden["cases"]:
+    for case in cases:
         out = generate(server, input_ids=golden["prompts"][case["prompt"]], max_new_tokens=golden["max_new_tokens"],
                        policy=case["policy"], budget=case["budget"])
         assert report(out) is not None, (case["policy"], case["budget"], out["meta_info"])

@@ -1,7 +1,9 @@
 """The examples under examples/ run against the real CPU server, plus metrics and --dp-size.
 
 Prompts are sized down from the examples' defaults (the CPU server on a 2-core machine is slow)
-but every private part stays longer than the budget, so compression really happens.
+but every private part stays longer than the budget, so compression really happens. They run
+on the ``lava-chunked`` server of ``tests/conftest.py`` (budget 128, streaming sessions, metrics,
+debug invariants), the one the session tests use.
 """
 
 from __future__ import annotations
@@ -14,9 +16,8 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.server_configs("lava-chunked")]
 
-LAVA = ("--kv-policy", "lava", "--kv-budget", "128", "--enable-streaming-session")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -28,7 +29,7 @@ def load_example(name: str):
 
 
 def test_frontend_fork_shares_document_and_compresses_branches(servers, capsys):
-    server = servers.get(*LAVA)
+    server = servers.config("lava-chunked")
     out = load_example("frontend_fork").main(["--url", server.url, "--branches", "2", "--doc-tokens", "300",
                                               "--appendix-tokens", "180"])
     print(capsys.readouterr().out)
@@ -46,7 +47,7 @@ def test_frontend_fork_shares_document_and_compresses_branches(servers, capsys):
 
 
 def test_multi_turn_agent_reuses_history_in_both_client_styles_and_holds_less(servers, capsys):
-    server = servers.get(*LAVA)
+    server = servers.config("lava-chunked")
     out = load_example("multi_turn_agent").main(["--url", server.url, "--sessions", "2", "--turns", "2",
                                                  "--system-tokens", "0", "--result-tokens", "160", "--max-tokens", "6"])
     print(capsys.readouterr().out)
@@ -69,7 +70,7 @@ def test_multi_turn_agent_reuses_history_in_both_client_styles_and_holds_less(se
 
 
 def test_frontend_multi_turn_program_continues_the_parked_conversation(servers, capsys):
-    server = servers.get(*LAVA)
+    server = servers.config("lava-chunked")
     out = load_example("frontend_multi_turn").main(["--url", server.url, "--turns", "3", "--doc-tokens", "600"])
     print(capsys.readouterr().out)
     rows = out["rows"]
@@ -83,7 +84,7 @@ def test_frontend_multi_turn_program_continues_the_parked_conversation(servers, 
 
 
 def test_openai_client_per_request_budget(servers, capsys):
-    server = servers.get(*LAVA)
+    server = servers.config("lava-chunked")
     out = load_example("openai_long_context").main(["--url", server.url, "--tokens", "600", "--budget", "64"])
     print(capsys.readouterr().out)
     default, small, none = out["server default"], out["kv_budget=64"], out["kv_policy=none"]
@@ -94,7 +95,7 @@ def test_openai_client_per_request_budget(servers, capsys):
 
 
 def test_metrics_on_prometheus_endpoint(servers):
-    server = servers.get(*LAVA, "--enable-metrics")
+    server = servers.config("lava-chunked")  # --enable-metrics
     from lava_sglang.workloads import passkey_task
 
     out = server.generate(passkey_task(400, seed=41).prompt, max_new_tokens=2)
@@ -115,14 +116,14 @@ def test_metrics_on_prometheus_endpoint(servers):
     assert "sglang:num_running_reqs" in text  # next to SGLang's own metrics
 
 
-def test_dp_size_2_each_rank_compresses(servers, monkeypatch):
+@pytest.mark.server_configs("lava-dp2")
+def test_dp_size_2_each_rank_compresses(servers):
     # On CPU, SGLang binds each rank to a NUMA node and refuses more ranks than nodes unless
     # SGLANG_CPU_OMP_THREADS_BIND gives each rank its cores ("0|1": rank 0 on core 0, rank 1 on core 1).
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
         pytest.skip("needs 2 cores for 2 CPU ranks")
-    monkeypatch.setenv("SGLANG_CPU_OMP_THREADS_BIND", f"{cores[0]}|{cores[1]}")
-    server = servers.get(*LAVA, "--dp-size", "2")
+    server = servers.config("lava-dp2", env={"SGLANG_CPU_OMP_THREADS_BIND": f"{cores[0]}|{cores[1]}"})
     from lava_sglang.workloads import passkey_task
 
     results = {}

@@ -1,6 +1,7 @@
 """Reliability on the real server (CPU engine, loopback): bad input, client disconnects, retraction.
 
-One small-pool LAVa server runs most tests here, with the plugin's debug invariants on
+One small-pool LAVa server (the ``reliability`` configuration of ``tests/conftest.py``) runs most
+tests here, with the plugin's debug invariants on
 (``LAVA_SGLANG_DEBUG=1``: after every compression and every release the scheduler asserts that
 no slot is both free and referenced and that nothing is on the free list twice). Two SGLang
 environment knobs make the faults reachable in a few seconds:
@@ -26,13 +27,9 @@ import pytest
 from lava_sglang.launch import http_json, leaked_slots, settled
 from lava_sglang.workloads import default_corpus_dir, haystack, load_corpus
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.server_configs("reliability")]
 
-POOL = 640
-FLAGS = ("--kv-policy", "lava", "--kv-budget", "64", "--max-total-tokens", str(POOL), "--chunked-prefill-size", "64")
-ENV = {"LAVA_SGLANG_DEBUG": "1", "SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION": "8", "SGLANG_INIT_NEW_TOKEN_RATIO": "0.05",
-       "SGLANG_REQUEST_STATE_WAIT_TIMEOUT": "1"}
-NONE = ("--kv-policy", "none")
+POOL = 640  # the reliability configuration's --max-total-tokens
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +37,11 @@ def corpus():
     return load_corpus(default_corpus_dir())
 
 
-def server_with_env(servers, flags, env):
-    return servers.get_with_env(flags, env)
-
-
-@pytest.fixture(scope="module")
+@pytest.fixture
 def server(servers):
-    return server_with_env(servers, FLAGS, ENV)
+    server = servers.config("reliability")
+    assert f"--max-total-tokens {POOL}" in " ".join(server.command)
+    return server
 
 
 def prompt_ids(tokenizer, corpus, n_tokens, seed):
@@ -148,8 +143,9 @@ def test_bad_request_settings_get_400_naming_the_field(server):
     still_serves(server)
 
 
+@pytest.mark.server_configs("none-plain")
 def test_compression_settings_on_a_server_without_compression_get_400(servers):
-    server = servers.get(*NONE)
+    server = servers.config("none-plain")
     for custom, field in (({"kv_policy": "lava"}, "kv_policy"), ({"kv_budget": 256}, "kv_budget")):
         status, body = post_status(server, custom)
         assert status == 400 and field in body and "--kv-policy none" in body, (custom, status, body)
@@ -220,12 +216,12 @@ def test_disconnect_during_decode(server, tokenizer, corpus):
 # retraction
 # --------------------------------------------------------------------------------------------
 
-def run_concurrently(server, prompts, new):
+def run_concurrently(server, prompts, new, **custom):
     results, errors = [None] * len(prompts), []
 
     def run(i):
         try:
-            results[i] = generate(server, prompts[i], max_new_tokens=new, ignore_eos=True)
+            results[i] = generate(server, prompts[i], max_new_tokens=new, ignore_eos=True, **custom)
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(repr(exc))
 
@@ -241,22 +237,23 @@ def run_concurrently(server, prompts, new):
     return results
 
 
-def assert_same_as_alone(server, prompts, results, new):
+def assert_same_as_alone(server, prompts, results, new, **custom):
     """Each request served alone (no memory pressure: nothing to retract) gives the same tokens."""
     for i, prompt in enumerate(prompts):
-        alone = generate(server, prompt, max_new_tokens=new, ignore_eos=True)
+        alone = generate(server, prompt, max_new_tokens=new, ignore_eos=True, **custom)
         assert alone["meta_info"].get("num_retractions", 0) == 0
         assert results[i]["output_ids"] == alone["output_ids"], (i, results[i]["meta_info"].get("num_retractions"))
 
 
 def test_retracted_compressed_requests_finish_with_the_same_output(server, tokenizer, corpus):
-    """Six compressed requests with 160-token ignore_eos decodes in a 640-slot pool: the scheduler
+    """Six compressed requests (200-token prompts kept at 64 slots) with 100-token ignore_eos decodes
+    in a 640-slot pool (6 x 164 slots at the end): the scheduler
     admits them as compression frees memory, runs out mid-decode and retracts some; they re-run
     (re-prefill replaying their selection) and everything finishes with the same greedy tokens as
     the same request served alone, and nothing leaks."""
     before = memory(server)
-    new = 160
-    prompts = [prompt_ids(tokenizer, corpus, 300, seed=7100 + i) for i in range(6)]
+    new = 100
+    prompts = [prompt_ids(tokenizer, corpus, 200, seed=7100 + i) for i in range(6)]
     results = run_concurrently(server, prompts, new)
     retractions = [r["meta_info"].get("num_retractions", 0) for r in results]
     after = assert_no_leak(server)
@@ -274,27 +271,23 @@ def test_debug_checks_ran_and_log_is_clean(server):
         assert bad not in log, bad
 
 
-# Last in this module: it starts a third server, and the pool (two live servers) may stop the
-# module's small-pool server to make room.
-FORCED_FLAGS = ("--kv-policy", "lava", "--kv-budget", "64", "--max-total-tokens", "4096")
-FORCED_ENV = {"LAVA_SGLANG_DEBUG": "1", "SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "4"}
-
-
+@pytest.mark.server_configs("retract")
 def test_forced_retractions_replay_exactly(servers, tokenizer, corpus):
     """SGLang's own retraction test switch (``SGLANG_TEST_RETRACT``: retract a decoding request every
-    4th forward) on a roomy pool: compressed requests are retracted again and again, and each
-    re-prefill replays the selection, so the tokens equal those of the request served alone."""
-    server = server_with_env(servers, FORCED_FLAGS, FORCED_ENV)
+    4th forward; the ``retract`` configuration, shared with tests/test_sessions.py) on a roomy pool:
+    compressed requests (budget 64) are retracted again and again, and each re-prefill replays
+    the selection, so the tokens equal those of the request served alone."""
+    server = servers.config("retract")
     before = memory(server)
-    new = 40
-    prompts = [prompt_ids(tokenizer, corpus, 300, seed=7200 + i) for i in range(3)]
-    results = run_concurrently(server, prompts, new)
+    new = 24
+    prompts = [prompt_ids(tokenizer, corpus, 200, seed=7200 + i) for i in range(3)]
+    results = run_concurrently(server, prompts, new, budget=64)
     retractions = [r["meta_info"].get("num_retractions", 0) for r in results]
     assert sum(retractions) >= 2, retractions
     after = assert_no_leak(server)
     assert after["replayed_requests"] - before["replayed_requests"] == sum(retractions), (retractions, after)
     assert all(r["meta_info"]["kv_compression"][0].get("replayed_after_retraction") for r, n in zip(results, retractions) if n)
-    assert_same_as_alone(server, prompts, results, new)
+    assert_same_as_alone(server, prompts, results, new, budget=64)
     assert_no_leak(server)
     log = server.log_text()
     assert "Testing retraction" in log and "Traceback" not in log and "lava-sglang debug" not in log

@@ -3,7 +3,8 @@ real server (CPU engine, loopback), with the plugin's debug invariants on and SG
 invariant checker running at every idle moment (it raises on a leak and kills the scheduler,
 which the next request would notice).
 
-Each turn sends only its new tokens (``session_params``); the session owns the KV row.
+Each turn sends only its new tokens (``session_params``); the session owns the KV row. The
+servers are the ``lava-chunked``, ``none`` and ``retract`` configurations of ``tests/conftest.py``.
 """
 
 from __future__ import annotations
@@ -18,18 +19,10 @@ import pytest
 from lava_sglang.launch import check_whole, http_json
 from lava_sglang.workloads import default_corpus_dir, haystack, load_corpus
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.server_configs("lava-chunked")]
 
-COMMON = ("--enable-streaming-session", "--chunked-prefill-size", "256", "--max-total-tokens", "16384")
-LAVA = ("--kv-policy", "lava", "--kv-budget", "128", *COMMON)
-NONE = ("--kv-policy", "none", *COMMON)
-ENV = {"LAVA_SGLANG_DEBUG": "1", "SGLANG_REQUEST_STATE_WAIT_TIMEOUT": "1"}
 NEW = 300  # new tokens per turn
 OUT = 8  # output tokens per turn
-
-
-def with_env(servers, flags, env):
-    return servers.get_with_env(flags, env)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +33,7 @@ def turns(tokenizer):
 
 
 def lava(servers):
-    return with_env(servers, LAVA, ENV)
+    return servers.config("lava-chunked")
 
 
 def memory(server):
@@ -102,11 +95,12 @@ def test_continued_turns_prefill_only_new_tokens_and_memory_stays_bounded(server
     assert_log_clean(server)
 
 
+@pytest.mark.server_configs("lava-chunked", "none")
 def test_session_outputs_equal_none_when_the_budget_covers_everything(servers, turns):
     """Four turns with a budget above the conversation's length: nothing is dropped, so the
     greedy outputs equal those of the same session on a ``--kv-policy none`` server."""
     got = conversation(lava(servers), turns, 4, budget=8192)
-    want = conversation(servers.get(*NONE), turns, 4)
+    want = conversation(servers.config("none"), turns, 4)
     assert [r["output_ids"] for r in got] == [r["output_ids"] for r in want]
     assert [r["meta_info"]["cached_tokens"] for r in got] == [r["meta_info"]["cached_tokens"] for r in want]
 
@@ -183,12 +177,11 @@ def test_several_sessions_at_once_leak_nothing(servers, turns):
     assert_log_clean(server)
 
 
-# Last: a server where SGLang retracts a decoding request every 4th forward.
-RETRACT_ENV = {**ENV, "SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "4"}
-
-
+# On a server where SGLang retracts a decoding request every 4th forward (shared with
+# tests/test_reliability.py's forced retractions).
+@pytest.mark.server_configs("retract")
 def test_retracted_session_turns_finish_and_leak_nothing(servers, tokenizer):
-    """Two conversations of four turns run together on a server that retracts a decoding request
+    """Two conversations of three turns run together on a server that retracts a decoding request
     every 4th forward (SGLang retracts only while two or more decode), again and again. SGLang
     frees a retracted session turn's row and prefills the turn's whole history again. A first
     (compressed) turn replays its selection and gives the tokens it gives without retraction; a
@@ -198,16 +191,15 @@ def test_retracted_session_turns_finish_and_leak_nothing(servers, tokenizer):
     corpus = load_corpus(default_corpus_dir())
     convs = []
     for c in range(2):  # text no other test sent (so no tree hit differs between the two servers)
-        ids = tokenizer.encode(haystack(4 * NEW + 100, corpus, seed=5150 + c, tokenizer=tokenizer))
-        convs.append([ids[i * NEW:(i + 1) * NEW] for i in range(4)])
-    # the repeated --log-level only makes the server pool key differ from the module's lava server
-    retracting = with_env(servers, (*LAVA, "--log-level", "info"), RETRACT_ENV)
+        ids = tokenizer.encode(haystack(3 * NEW + 100, corpus, seed=5150 + c, tokenizer=tokenizer))
+        convs.append([ids[i * NEW:(i + 1) * NEW] for i in range(3)])
+    retracting = servers.config("retract")
     got = [None, None]
 
     def run(c):
         sid = retracting.open_session()
         try:
-            got[c] = [turn(retracting, sid, convs[c][t], max_new_tokens=24) for t in range(4)]
+            got[c] = [turn(retracting, sid, convs[c][t], max_new_tokens=16) for t in range(3)]
         finally:
             retracting.close_session(sid)
 
@@ -222,7 +214,7 @@ def test_retracted_session_turns_finish_and_leak_nothing(servers, tokenizer):
     for c in range(2):
         # (no token equality: the two servers' trees differ, so a first turn's shared prefix, and
         # with it its selection, may differ; replay exactness is tests/test_reliability.py's)
-        assert all(len(r["output_ids"]) == 24 for r in got[c]), c
+        assert all(len(r["output_ids"]) == 16 for r in got[c]), c
     assert_no_leak(retracting)
     log = retracting.log_text()
     assert "Testing retraction" in log

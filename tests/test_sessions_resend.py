@@ -21,17 +21,14 @@ import pytest
 from lava_sglang.launch import check_whole, http_json
 from lava_sglang.workloads import default_corpus_dir, haystack, load_corpus
 
-pytestmark = pytest.mark.server
+# The session tests' server (``lava-chunked`` in tests/conftest.py, debug invariants on), and
+# its ``none`` twin.
+pytestmark = [pytest.mark.server, pytest.mark.server_configs("lava-chunked")]
 
-# The session tests' server (same flags and environment: this module runs right after theirs, on the same server).
-LAVA = ("--kv-policy", "lava", "--kv-budget", "128", "--enable-streaming-session", "--chunked-prefill-size", "256",
-        "--max-total-tokens", "16384")
-ENV = {"LAVA_SGLANG_DEBUG": "1", "SGLANG_REQUEST_STATE_WAIT_TIMEOUT": "1"}
-# A pool that holds four parked conversations of this module's size next to a running first turn,
-# not five: parked memory must give way (LRU) before anything is refused or retracted.
+# ``lava-small-pool``: a pool that holds four parked conversations of this module's size next to
+# a running first turn, not five: parked memory must give way (LRU) before anything is refused or
+# retracted.
 SMALL_POOL = 1100
-SMALL = ("--kv-policy", "lava", "--kv-budget", "128", "--chunked-prefill-size", "256", "--max-total-tokens",
-         str(SMALL_POOL), "--enable-metrics")
 NEW = 300  # new tokens per turn
 OUT = 8  # output tokens per turn
 
@@ -47,11 +44,13 @@ def texts(tokenizer):
 
 
 def lava(servers):
-    return servers.get_with_env(LAVA, ENV)
+    return servers.config("lava-chunked")
 
 
 def small(servers):
-    return servers.get_with_env(SMALL, ENV)
+    server = servers.config("lava-small-pool")
+    assert f"--max-total-tokens {SMALL_POOL}" in " ".join(server.command)
+    return server
 
 
 def send(server, ids, max_new_tokens=OUT, session=None, **custom):
@@ -120,6 +119,7 @@ def test_resend_turns_prefill_only_new_tokens_and_equal_session_turns(servers, t
     assert_log_clean(server)
 
 
+@pytest.mark.server_configs("lava-chunked", "none")
 def test_resend_outputs_equal_none_when_the_budget_covers_everything(servers, texts):
     """Four resend turns with a budget above the conversation's length: nothing is compressed or
     parked, the tree serves the history as without the plugin, and the greedy outputs and cached
@@ -128,7 +128,7 @@ def test_resend_outputs_equal_none_when_the_budget_covers_everything(servers, te
     server = lava(servers)
     before = server.kv_memory()
     got = resend_conversation(server, turns, budget=8192)
-    want = resend_conversation(servers.get("--kv-policy", "none", *LAVA[4:]), turns)
+    want = resend_conversation(servers.config("none"), turns)
     assert [r["output_ids"] for r in got] == [r["output_ids"] for r in want]
     assert [r["meta_info"]["cached_tokens"] for r in got] == [r["meta_info"]["cached_tokens"] for r in want]
     assert server.kv_memory()["park_parked"] == before["park_parked"]
@@ -225,6 +225,7 @@ def metric(text: str, name: str) -> float:
     return sum(values)
 
 
+@pytest.mark.server_configs("lava-small-pool", "lava-chunked")
 def test_parked_memory_is_evicted_before_anything_is_refused_or_retracted(servers, texts):
     """Six conversations of two turns on a pool that holds four parked conversations next to a
     running first turn. First turns 1-6, then second turns 6..1: the two least recently used
@@ -268,15 +269,13 @@ def test_parked_memory_is_evicted_before_anything_is_refused_or_retracted(server
     assert_log_clean(server)
 
 
-CAPPED = ("--kv-policy", "lava", "--kv-budget", "128", "--chunked-prefill-size", "256", "--max-total-tokens", "8192",
-          "--kv-park-max-slots", "300")
-
-
+@pytest.mark.server_configs("lava-park-cap")
 def test_park_cap_keeps_parked_slots_under_the_flag(servers, texts):
     """``--kv-park-max-slots 300``: three compressed conversations of about 135 slots each finish;
     parking the third evicts the least recently used one (cap, not memory), so parked slots never
     exceed the cap, and the evicted conversation's next turn is prefilled whole and correct."""
-    server = servers.get_with_env(CAPPED, ENV)
+    server = servers.config("lava-park-cap")
+    assert "--kv-park-max-slots 300" in " ".join(server.command)
     convs = [texts(7300 + c, 2) for c in range(3)]
     first = [send(server, c[0]) for c in convs]
     m = assert_no_leak(server)

@@ -5,7 +5,7 @@ than one intra-op thread each op above torch's grain size is an OpenMP region th
 every worker thread; on busy cores a worker is often descheduled, so every op costs a
 scheduler slice whatever its size. ``kernels.threads.cpu_threads_for`` runs such small work on
 one thread. These tests pin that (the thread count seen by the ops, and the step time of a
-30-layer decode under CPU contention against the same step forced onto every thread).
+30-layer decode under CPU contention).
 """
 
 from __future__ import annotations
@@ -160,13 +160,15 @@ def _decode_steps(pool, req_to_token, registry, row, first, n):
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two cores to oversubscribe")
 def test_decode_step_under_cpu_contention_is_not_stretched_by_thread_waits(monkeypatch, two_threads):
     """A 30-layer decode step of one compressed request (1000 tokens, budget 128) while every
-    core runs a busy process: on one thread it stays a small multiple of its idle time; forced
-    onto two threads (the behaviour before the fix) the same steps were 5-30x slower here."""
+    core runs two busy processes stays far below a second: 13-40 ms measured on 2 cores. Forced
+    onto two threads (the behaviour before the fix) the same steps took 0.03-1.4 s (the waits
+    depend on the OS scheduler, so only the fixed path is bounded here; the thread-count tests
+    above pin the fix deterministically; the pre-fix tree gave 0.7-1.4 s per step here)."""
     pool, req_to_token, registry, row, L = _one_compressed_request()
     _decode_steps(pool, req_to_token, registry, row, L + 1, 3)  # warm-up
     ctx = mp.get_context("spawn")
     stop = time.time() + 60
-    hogs = [ctx.Process(target=_hog, args=(stop,), daemon=True) for _ in range(os.cpu_count())]
+    hogs = [ctx.Process(target=_hog, args=(stop,), daemon=True) for _ in range(2 * os.cpu_count())]
     for p in hogs:
         p.start()
     try:
@@ -178,5 +180,5 @@ def test_decode_step_under_cpu_contention_is_not_stretched_by_thread_waits(monke
         for p in hogs:
             p.terminate()
             p.join()
-    print("median step s: one thread", fixed, "forced", forced)
-    assert fixed * 2 < forced, (fixed, forced)
+    print("median step s: one thread", fixed, "forced onto every thread", forced)
+    assert fixed < 0.25, (fixed, forced)

@@ -55,11 +55,13 @@ def ids_of(tokenizer, corpus, n_tokens: int, seed: int) -> list[int]:
     return tokenizer.encode(haystack(n_tokens, corpus, seed=seed, tokenizer=tokenizer))[:n_tokens]
 
 
-def healthy(server, timeout: float = 20.0) -> bool:
+def healthy(server, timeout: float = 30.0) -> bool:
+    """The server process lives (SGLang takes the whole process tree down when its scheduler dies)
+    and answers HTTP. Not ``/health``: it runs a generation and waits up to 20 s for it."""
     if server.process is None or server.process.poll() is not None:
         return False
     try:
-        with urllib.request.urlopen(server.url + "/health", timeout=timeout) as r:
+        with urllib.request.urlopen(server.url + "/model_info", timeout=timeout) as r:
             return r.status == 200
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
         return False

@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from test_safety import assert_survives, generate, ids_of, ok, post, report, server_for, whole
+from test_safety import assert_survives, corpus, generate, ids_of, ok, post, report, server_for, whole  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.server
 

@@ -24,8 +24,10 @@ def test_short_soak(tmp_path):
     assert results, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(results[-1].read_text())
     summary = {k: result[k] for k in ("errors", "incomplete", "exact_mismatches", "leaked_slots", "tree_protected_tokens",
-                                      "log_errors", "error_samples", "incomplete_samples")}
+                                      "log_errors", "error_samples", "incomplete_samples", "stalled_requests",
+                                      "stall_samples")}
     assert proc.returncode == 0 and result["ok"], summary
     assert result["requests_completed"] > 0 and result["final_memory"]["debug_checks"]["after_release"] > 0
     assert result["sessions"] > 0 and result["session_turns"] > 0, summary
     assert result["resend_conversations"] > 0 and result["resend_turns"] > 0, summary
+    assert result["stalled_requests"] == 0 and result["max_waited_s"] <= result["max_wait_bound_s"], summary

@@ -33,6 +33,8 @@ def _get():
                             multiprocess_mode="mostrecent"),
             "parked_slots": Gauge("sglang:lava_parked_slots", "KV slots held by parked conversations",
                                   multiprocess_mode="mostrecent"),
+            "parked_cap": Gauge("sglang:lava_parked_max_conversations", "The cap on parked conversations in force",
+                                multiprocess_mode="mostrecent"),
             "park_hits": Counter("sglang:lava_park_hits_total", "Requests that continued a parked conversation"),
             "park_misses": Counter("sglang:lava_park_misses_total", "Requests with parking on that found no parked conversation"),
             "park_evictions": Counter("sglang:lava_park_evictions_total", "Parked conversations evicted for memory or the cap"),
@@ -58,5 +60,6 @@ def parking(snapshot: dict, event: str | None = None) -> None:
     m = _get()
     m["parked"].set(snapshot["parked_conversations"])
     m["parked_slots"].set(snapshot["parked_slots"])
+    m["parked_cap"].set(snapshot["park_max_conversations"])
     if event is not None:
         m[f"park_{event}"].inc()

@@ -204,6 +204,7 @@ def _find(req, key, tokens: torch.Tensor) -> tuple[Optional[Parked], int]:
         diff = ", ".join(f"{k} {v!r} vs {theirs.get(k)!r}" for k, v in mine if theirs.get(k) != v)
         if LOT.count_once(req.rid, hit=False):
             LOT.totals["not_borrowed_settings"] += 1
+            _gauges("misses")
         _note(req, f"not borrowed: settings differ from the parked conversation's ({diff}); prefilled afresh")
         return None, -1
     return rec, n
@@ -230,7 +231,8 @@ def around_try_match_prefix(original, self, params, *args, **kwargs):
         return _lend(self, req, rec, max(n, rec.prompt_len) if n < rec.prompt_len else n)
     rec, n = _find(req, params.key, tokens)
     if rec is None:
-        LOT.count_once(req.rid, hit=False)
+        if LOT.count_once(req.rid, hit=False):
+            _gauges("misses")
         return result
     if LOT.count_once(req.rid, hit=True, matched=n):
         _gauges("hits")

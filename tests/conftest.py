@@ -156,7 +156,7 @@ def servers(model_path):
         pool.stop_all()
         if os.environ.get("LAVA_TEST_SERVER_STARTS"):  # where to write the keys started, one a line
             with open(os.environ["LAVA_TEST_SERVER_STARTS"], "a") as f:
-                f.writelines(" ".join(key) + "\n" for key in pool.started)
+                f.writelines(" ".join(k if isinstance(k, str) else "=".join(k) for k in key) + "\n" for key in pool.started)
 
 
 def pytest_configure(config):

@@ -337,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds a turn may take (a conversation that cannot be admitted is recorded as an error)")
     ap.add_argument("--watchdog-timeout", type=float, default=1800.0,
                     help="SGLang's scheduler watchdog (s): one CPU forward of a long re-prefill on a busy core can pass its 300 s default")
-    ap.add_argument("--quick", action="store_true", help="2 conversations x 3 turns of 150 tokens (a smoke run)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run: 2 conversations x 3 turns of 150 tokens, 4 output tokens, a 100-token system prompt")
     ap.add_argument("--micro", action="store_true", help="prefill and decode over a compressed layout vs none at equal batch")
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--micro-history", type=int, default=2000)
@@ -353,7 +354,7 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     if args.quick:
-        args.conversations, args.turns, args.turn_tokens, args.output_tokens, args.system_tokens = 2, 3, 150, 8, 200
+        args.conversations, args.turns, args.turn_tokens, args.output_tokens, args.system_tokens = 2, 3, 150, 4, 100
     if args.max_total_tokens is None:
         args.max_total_tokens = args.system_tokens + 3 * args.turns * (args.turn_tokens + args.output_tokens) + 256
     model_path = str(default_model_path())

@@ -23,6 +23,9 @@ def test_quick_multiturn_run_measures_every_turn(tmp_path):
     assert main(["--quick", "--configs", "lava:128", "--client", "resend", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "multiturn_resend_quick.json").read_text())
     runs = {r["config"]: r for r in data["runs"]}
+    a = data["args"]
+    # turn 1's private part (the system prompt is cached) exceeds the budget: it is compressed
+    assert (a["conversations"], a["turns"]) == (2, 3) and a["turn_tokens"] > 128
     assert set(runs) == {"lava:128"} and runs["lava:128"]["client"] == "resend"
     for r in runs.values():
         assert not r["errors"] and len(r["turns"]) == 3 and r["wall_s"] > 0
@@ -32,12 +35,12 @@ def test_quick_multiturn_run_measures_every_turn(tmp_path):
     for conv in runs["lava:128"]["conversations"]:
         assert conv[0]["compressed"]
         for turn in conv[1:]:
-            assert turn["prefilled_tokens"] == 150 + 1  # the new tokens and the previous answer's last token
+            assert turn["prefilled_tokens"] == a["turn_tokens"] + 1  # the new tokens and the previous answer's last token
             assert turn["compressed"] and turn["resident"]
     totals = runs["lava:128"]["server_totals"]
     assert totals["park_hits"] == 2 * 2 and totals["park_evictions"] == 0, totals
     assert runs["lava:128"]["peak_resident"] == 2
-    history = 3 * (150 + 8)  # private tokens of a conversation by the end of turn 3
+    history = 3 * (a["turn_tokens"] + a["output_tokens"])  # private tokens of a conversation by the end of turn 3
     assert runs["lava:128"]["turns"][-1]["private_slots_mean"] < history
     md = (tmp_path / "multiturn_resend_quick.md").read_text()
     assert "| lava:128 |" in md and "Per turn" in md and "parked hits" in md

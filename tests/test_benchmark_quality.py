@@ -270,6 +270,7 @@ def test_quick_run_writes_results(tmp_path, model_path):
     result = json.loads((tmp_path / "quality.json").read_text())
     cfg = result["config"]
     assert cfg["policies"] == ["none", "lava"] and cfg["budgets"] == [64] and cfg["samples"] == 1
+    assert {"passkey", "fidelity"} <= set(cfg["tasks"])  # a scored task and the fidelity task
     assert cfg["protocols"] == ["query-aware", "query-agnostic"]
     assert result["command"].startswith("python benchmarks/quality.py")
     for key in ("none", "lava@64", "none query-agnostic", "lava@64 query-agnostic", "snapkv-avg@64",

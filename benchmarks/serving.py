@@ -234,7 +234,9 @@ def main(argv=None) -> int:
     p.add_argument("--compression-repeats", type=int, default=3, help="prompts per length (median reported)")
     p.add_argument("--corpus", default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="tiny run for tests: 4 requests of 600 tokens, 16 outputs")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run for tests: 4 requests of 300 tokens, 8 outputs, a 1500-token pool; micro batch 2 of "
+                        "300 tokens; compression timed at 300 tokens once")
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--replot", action="store_true", help="only rewrite serving.md and serving.png from --out/serving.json")
     args = p.parse_args(argv)
@@ -245,9 +247,9 @@ def main(argv=None) -> int:
         print((Path(args.out) / "serving.md").read_text())
         return 0
     if args.quick:
-        args.requests, args.prompt_tokens, args.output_tokens = 4, 600, 16
-        args.max_total_tokens, args.micro_batch, args.micro_prompt_tokens = 3000, 2, 500
-        args.compression_lengths, args.compression_repeats = [600], 1
+        args.requests, args.prompt_tokens, args.output_tokens = 4, 300, 8
+        args.max_total_tokens, args.micro_batch, args.micro_prompt_tokens = 1500, 2, 300
+        args.compression_lengths, args.compression_repeats = [300], 1
 
     model = str(default_model_path())
     from transformers import AutoTokenizer

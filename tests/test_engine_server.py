@@ -10,6 +10,7 @@ tests so the radix cache never hands one test's prompt to another.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import urllib.error
 import urllib.request
@@ -230,8 +231,9 @@ GOLDEN = Path(__file__).parent / "golden" / "layout_outputs.json"
 
 
 # The golden cases checked: every policy at both budgets on the ~900-token prompt (the ~1500-token
-# prompt's ten cases are recorded too; they cost twice as long and exercise the same code).
-GOLDEN_PROMPTS = (0,)
+# prompt's ten cases are recorded too; they cost twice as long and exercise the same code;
+# LAVA_TEST_GOLDEN_ALL=1 checks all twenty).
+GOLDEN_PROMPTS = (0, 1) if os.environ.get("LAVA_TEST_GOLDEN_ALL") else (0,)
 
 
 def test_outputs_equal_those_recorded_before_exact_packing(servers):

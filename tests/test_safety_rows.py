@@ -31,17 +31,13 @@ def test_case3_parked_conversations_give_their_rows_to_a_new_request(servers, to
         out = ok(generate(server, ids_of(tokenizer, corpus, 1500, seed + k), timeout=300))
         assert report(out) is not None, out["meta_info"]
     m = whole(server)
-    if park:
-        assert m["parked_conversations"] >= 1, m
-        assert "park_max_conversations" in m, m
-        assert m["parked_conversations"] <= m["park_max_conversations"], m
-    else:
-        assert m["parked_conversations"] == 0, m
+    assert m["parked_conversations"] >= (1 if park else 0) and (park or m["parked_conversations"] == 0), m
     started = time.time()
     third = ok(generate(server, ids_of(tokenizer, corpus, 1500, seed + 2), timeout=90))
     assert time.time() - started < 90 and len(third["output_ids"]) == 8
     m = assert_survives(server)
-    if park:
+    if park:  # the fields come with the fix: checked after the third request, whose hang is the bug
+        assert "park_max_conversations" in m, m
         assert m["parked_conversations"] <= m["park_max_conversations"], m
 
 

@@ -55,7 +55,7 @@ from typing import Optional
 import torch
 
 from lava_sglang.engine import metrics
-from lava_sglang.engine.accounting import held_slots, parking_snapshot
+from lava_sglang.engine.accounting import debug_enabled, held_slots, parking_snapshot
 from lava_sglang.engine.parking_lot import LOT, Parked, common_prefix
 from lava_sglang.engine.release import forget
 from lava_sglang.engine.settings import conversation_settings, request_config, server_config
@@ -316,11 +316,17 @@ def after_session_records(result, self, *args, **kwargs):
 
 def after_reset(result, self, *args, **kwargs):
     """``UnifiedRadixCache.reset`` (``/flush_cache``, idle only): the pools are cleared next, so
-    every parked record and every compressed state goes without freeing slot by slot."""
+    every parked record and every compressed state goes without freeing slot by slot. In debug
+    mode every row is zeroed, as a release zeroes its row (``engine.accounting``): a parked row's
+    old decode slots must not look like the next request's."""
     for rec in list(LOT.records.values()):
         LOT.remove(rec)
     REGISTRY.compressed.clear()
     REGISTRY.pending.clear()
+    REGISTRY.not_compressed.clear()
+    rows = getattr(self, "req_to_token_pool", None)
+    if debug_enabled() and rows is not None:
+        rows.req_to_token.zero_()
     return result
 
 

@@ -203,12 +203,12 @@ def test_passkey_retrieved_whenever_full_cache_retrieves_it(servers, corpus, tok
     found_by_none = 0
     for seed, depth in ((600, 0.2), (601, 0.5), (602, 0.8), (603, 0.35), (604, 0.65)):
         task = passkey_task(1500, seed=seed, depth=depth, corpus=corpus, tokenizer=tokenizer)
-        lava = generate(server, task.prompt, max_new_tokens=10, budget=512)
-        assert report(lava) is not None
+        compressed = generate(server, task.prompt, max_new_tokens=10, budget=512)
+        assert report(compressed) is not None
         none = generate(server, task.prompt, max_new_tokens=10, policy="none")
         if task.answer in none["text"]:
             found_by_none += 1
-            assert task.answer in lava["text"], (seed, lava["text"], none["text"])
+            assert task.answer in compressed["text"], (seed, compressed["text"], none["text"])
     assert found_by_none >= 2
 
 

@@ -19,6 +19,7 @@ import logging
 import sys
 
 from lava_sglang.config import CompressionConfig
+from lava_sglang.policies.base import needs_compression
 from lava_sglang.server_args_patch import config_of
 
 logger = logging.getLogger("lava_sglang")
@@ -82,10 +83,9 @@ def request_config(req) -> CompressionConfig:
 
 
 def should_compress(config: CompressionConfig, prefix_len: int, seq_len: int) -> bool:
-    """The one "compress or not" rule (first compression, re-selection of a continued turn): the
-    policy is on, ``seq_len`` reaches ``min_prompt_len`` and the private range is longer than the
-    budget (window included)."""
-    return config.enabled and seq_len >= config.min_prompt_len and seq_len - prefix_len > config.budget
+    """The one "compress or not" rule (first compression, re-selection of a continued turn, and
+    the policies' own selection): ``policies.base.needs_compression``."""
+    return needs_compression(config, prefix_len, seq_len)
 
 
 def conversation_settings(config: CompressionConfig) -> tuple:

@@ -66,8 +66,9 @@ def around_get_new_batch_prefill(original, self, running_batch=None, *args, **kw
             if batch is not None:
                 batch.batch_is_full = False
     plan = original(self, running_batch, *args, **kwargs) if running_batch is not None else original(self, *args, **kwargs)
-    stalled = (getattr(plan, "batch_to_run", None) is None and _waiting(self) and LOT.idle_count
-               and (batch is None or batch.is_empty()) and getattr(self, "chunked_req", None) is None)
+    stalled = (LOT.idle_count and getattr(plan, "batch_to_run", None) is None
+               and (batch is None or batch.is_empty()) and getattr(self, "chunked_req", None) is None
+               and getattr(self, "waiting_queue", None))
     if stalled:
         rec = next(LOT.lru_idle(), None)
         if rec is not None:

@@ -28,6 +28,11 @@ STAGES = ("compress", "reselect", "layout", "decode")
 TOTALS = {"failed_requests": 0}
 
 
+def armed() -> bool:
+    """Whether fault injection is on (tests only): callers skip their per-request loop otherwise."""
+    return bool(os.environ.get(FAULT_ENV))
+
+
 def inject(stage: str, req) -> None:
     """Raise when fault injection asks for ``stage`` and ``req`` is a fault request."""
     wanted = os.environ.get(FAULT_ENV, "")

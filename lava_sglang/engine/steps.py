@@ -9,7 +9,7 @@ import torch
 
 from lava_sglang.engine.cells import pool_cells
 from lava_sglang.engine.decode import decode_plan
-from lava_sglang.engine.failures import fail_request, inject
+from lava_sglang.engine.failures import armed, fail_request, inject
 from lava_sglang.engine.state import REGISTRY, Registry
 
 
@@ -55,7 +55,7 @@ class DecodeStep:
             seq_lens = [int(n) for n in forward_batch.seq_lens.tolist()]
             space = pool_cells(self.kv_pool)
             try:
-                for req in self.reqs:
+                for req in self.reqs if armed() else ():  # the decode step's hot path skips this
                     if REGISTRY.compressed_for(req.kv.req_pool_idx) is not None:
                         inject("decode", req)
                 self.plan = decode_plan(REGISTRY, self.req_to_token, rows, seq_lens, space)

@@ -5,7 +5,6 @@ conversation sends and checks. Every request is tracked by the stall watch
 from __future__ import annotations
 
 import collections
-import http.client
 import itertools
 import json
 import threading
@@ -13,7 +12,7 @@ import time
 import urllib.request
 
 from lava_sglang.config import POLICIES
-from lava_sglang.launch import http_json
+from lava_sglang.launch import drop, http_json, open_generate, post_generate, sse_events
 
 from benchmarks.soak_safety import aborted_too_long, bad_request, too_long
 
@@ -38,26 +37,6 @@ class Stats:
             self.counts["errors"] += 1
             if len(self.errors) < 50:
                 self.errors.append(msg)
-
-
-def post(url_port: int, payload: dict, timeout: float = 900.0):
-    conn = http.client.HTTPConnection("127.0.0.1", url_port, timeout=timeout)
-    conn.request("POST", "/generate", body=json.dumps(payload), headers={"Content-Type": "application/json"})
-    return conn
-
-
-def drop(conn):
-    sock = conn.sock
-    conn.close()
-    if sock is not None:
-        sock.close()
-
-
-def events(resp):
-    for raw in resp:
-        line = raw.decode(errors="replace").strip()
-        if line.startswith("data:") and line != "data: [DONE]":
-            yield json.loads(line[5:])
 
 
 def logprob_fields(rng, n_prompt: int, p: float) -> dict:
@@ -148,14 +127,14 @@ class Soak:
             s.add("with_logprob")
         started = time.time()
         with self.watch.track(f"{kind} {custom} stream={stream}"):
-            conn = post(self.server.port, payload)
+            conn = open_generate(self.server.port, payload, timeout=900.0)
             try:
                 if abort:
                     s.add("aborted")
                     if stream:
                         resp = conn.getresponse()
                         stop_after = rng.randint(0, 8)
-                        for i, _ in enumerate(events(resp)):
+                        for i, _ in enumerate(sse_events(resp)):
                             if i >= stop_after:
                                 break
                     else:
@@ -171,7 +150,7 @@ class Soak:
                     return
                 if stream:
                     last = None
-                    for event in events(resp):
+                    for event in sse_events(resp):
                         if "error" in event:
                             s.error(f"stream error: {event['error']}")
                             return
@@ -261,7 +240,7 @@ class Soak:
                 payload = {"input_ids": ids, "sampling_params": sp, "session_params": {"id": sid}}
                 if rng.random() < 0.08:
                     s.add("session_turns_aborted")
-                    conn = post(self.server.port, payload)
+                    conn = open_generate(self.server.port, payload, timeout=900.0)
                     time.sleep(rng.uniform(0.0, 1.5))
                     drop(conn)
                     break  # the session's next turns would start from its last finished turn
@@ -305,23 +284,18 @@ class Soak:
                 payload["rid"] = rid
             if rng.random() < 0.08:
                 s.add("resend_turns_aborted")
-                conn = post(self.server.port, payload)
+                conn = open_generate(self.server.port, payload, timeout=900.0)
                 time.sleep(rng.uniform(0.0, 1.5))
                 drop(conn)
                 return
             what = f"resend turn {t + 1} {sp.get('custom_params')} rid={rid} logprob={'return_logprob' in payload}"
             with self.watch.track(what):
-                conn = post(self.server.port, payload)
-                try:
-                    resp = conn.getresponse()
-                    body = resp.read().decode(errors="replace")
-                finally:
-                    conn.close()
-            if too_long(resp.status, body):
+                status, body = post_generate(self.server.port, payload, timeout=900.0)
+            if too_long(status, body):
                 s.add("rejected_too_long")
                 return
-            if resp.status != 200:
-                s.error(f"{what}: HTTP {resp.status} {body[:300]}")
+            if status != 200:
+                s.error(f"{what}: HTTP {status} {body[:300]}")
                 return
             out = json.loads(body)
             if aborted_too_long(out):

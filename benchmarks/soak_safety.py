@@ -15,6 +15,8 @@ import threading
 import time
 from pathlib import Path
 
+from lava_sglang.launch import post_generate
+
 # Malformed compression settings: (custom_params, the field the 400 must name).
 BAD_SETTINGS = (
     ({"kv_budget": 8}, "kv_budget"), ({"kv_policy": "h2o"}, "kv_policy"), ({"kv_kernel_size": 4}, "kv_kernel_size"),
@@ -47,8 +49,6 @@ def aborted_too_long(out: dict) -> bool:
 def bad_request(soak, rng) -> None:
     """A malformed setting (on a prompt long enough to be compressed, half the time) or a malformed
     prompt: an HTTP 400 naming what is wrong, never anything else."""
-    from benchmarks.soak_client import post
-
     stats = soak.stats
     if rng.random() < 0.6:
         custom, field = rng.choice(BAD_SETTINGS)
@@ -59,17 +59,12 @@ def bad_request(soak, rng) -> None:
         extra, named = rng.choice(BAD_INPUTS)
         payload, what = {**extra, "sampling_params": {"max_new_tokens": 2}}, f"bad input {extra}"
     with soak.watch.track(what):
-        conn = post(soak.server.port, payload, timeout=300)
-        try:
-            resp = conn.getresponse()
-            body = resp.read().decode(errors="replace")
-        finally:
-            conn.close()
-    if resp.status == 400 and (named is None or named in body or "vocab" in body.lower()):
+        status, body = post_generate(soak.server.port, payload, timeout=300)
+    if status == 400 and (named is None or named in body or "vocab" in body.lower()):
         stats.add("rejected_400")
         stats.add("rejected_400_input" if what.startswith("bad input") else "rejected_400_setting")
     else:
-        stats.error(f"{what}: HTTP {resp.status} {body[:200]}")
+        stats.error(f"{what}: HTTP {status} {body[:200]}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ generations there (``docs/design.md``, "Hooks and the CPU engine"): ``--device c
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import signal
@@ -73,10 +74,41 @@ def stream_generate(url: str, payload: dict, timeout: float = 3600.0):
     request = urllib.request.Request(url + "/generate", data=json.dumps(payload).encode(),
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=timeout) as response:
-        for raw in response:
-            line = raw.decode().strip()
-            if line.startswith("data:") and line != "data: [DONE]":
-                yield json.loads(line[5:])
+        yield from sse_events(response)
+
+
+def sse_events(lines):
+    """The JSON payloads of the ``data:`` lines of a server-sent event stream (bytes lines)."""
+    for raw in lines:
+        line = raw.decode(errors="replace").strip()
+        if line.startswith("data:") and line != "data: [DONE]":
+            yield json.loads(line[5:])
+
+
+def open_generate(port: int, payload: dict, timeout: float = 600.0) -> http.client.HTTPConnection:
+    """``POST /generate`` to a loopback server on a raw connection the caller can drop at any
+    moment (:func:`drop`: a client going away); ``.getresponse()`` reads the answer."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    conn.request("POST", "/generate", body=json.dumps(payload), headers={"Content-Type": "application/json"})
+    return conn
+
+
+def post_generate(port: int, payload: dict, timeout: float = 600.0) -> tuple[int, str]:
+    """``POST /generate`` to a loopback server: (HTTP status, body text), whatever the status."""
+    conn = open_generate(port, payload, timeout)
+    try:
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode(errors="replace")
+    finally:
+        conn.close()
+
+
+def drop(conn: http.client.HTTPConnection) -> None:
+    """Close the connection and its socket at once, as a client that went away."""
+    sock = conn.sock
+    conn.close()
+    if sock is not None:
+        sock.close()
 
 
 class ServerError(RuntimeError):

@@ -27,14 +27,17 @@ BASE_FLAGS = ("--max-total-tokens", "24576", "--log-level", "info", "--sleep-on-
 
 # The plugin's debug invariants, and a client that went away noticed within a second.
 DEBUG_ENV = {"LAVA_SGLANG_DEBUG": "1", "SGLANG_REQUEST_STATE_WAIT_TIMEOUT": "1"}
+# Fault injection (engine/failures.py) for the safety tests' "lava-fault-*" requests; inert otherwise.
+FAULT_ENV = {"LAVA_SGLANG_FAULT": "compress,reselect,layout"}
 # Streaming sessions on, prefill in 256-token chunks, a 16k-token pool.
 SESSION_FLAGS = ("--enable-streaming-session", "--chunked-prefill-size", "256", "--max-total-tokens", "16384")
 
 # name -> (flags after BASE_FLAGS, extra environment)
 CONFIGS = {
     # LAVa at budget 128, whole-prompt prefill: tests/test_engine_server.py (and its golden
-    # outputs, recorded on exactly these flags), tests/test_server_basic.py.
-    "lava": (("--kv-policy", "lava", "--kv-budget", "128"), {}),
+    # outputs, recorded on exactly these flags), tests/test_server_basic.py, tests/test_safety.py.
+    # Debug invariants on, and fault injection armed (it acts only on rids "lava-fault-*").
+    "lava": (("--kv-policy", "lava", "--kv-budget", "128"), {**DEBUG_ENV, **FAULT_ENV}),
     # The same on two CPU ranks (tests/test_examples.py fills in the env var that binds each rank to a core).
     "lava-dp2": (("--kv-policy", "lava", "--kv-budget", "128", "--dp-size", "2"), {}),
     # tests/test_server_basic.py: a server whose budget covers its prompts, and one without compression.
@@ -54,11 +57,13 @@ CONFIGS = {
     "lava-chunked": (("--kv-policy", "lava", "--kv-budget", "128", *SESSION_FLAGS, "--enable-metrics"), DEBUG_ENV),
     # Its uncompressed twin (same chunking: greedy outputs compare token for token).
     "none": (("--kv-policy", "none", *SESSION_FLAGS), {}),
-    # tests/test_sessions_resend.py: a pool that holds four parked conversations, and a parking cap.
+    # tests/test_sessions_resend.py: a pool that holds four parked conversations, and a parking cap
+    # (with a cache-aware schedule policy: tests/test_safety_rows.py, cases 7 and 11).
     "lava-small-pool": (("--kv-policy", "lava", "--kv-budget", "128", "--chunked-prefill-size", "256",
                          "--max-total-tokens", "1100", "--enable-metrics"), DEBUG_ENV),
     "lava-park-cap": (("--kv-policy", "lava", "--kv-budget", "128", "--chunked-prefill-size", "256",
-                       "--max-total-tokens", "8192", "--kv-park-max-slots", "300"), DEBUG_ENV),
+                       "--max-total-tokens", "8192", "--kv-park-max-slots", "300", "--schedule-policy", "lpm"),
+                      DEBUG_ENV),
 }
 # The order the pooled tests run in, by the configurations each names (the first, where the
 # combination is not listed). Every configuration starts once with two live servers: lava-4096
@@ -127,11 +132,11 @@ class ServerPool:
         self.last = server
         return server
 
-    def config(self, name: str, env: dict | None = None):
+    def config(self, name: str, env: dict | None = None, fresh: bool = False):
         """The server of the named configuration (``CONFIGS``); ``env`` for those whose
-        environment the test fills in."""
+        environment the test fills in; ``fresh``: started again (after a test that killed it)."""
         flags, base_env = CONFIGS[name]
-        return self.get_with_env(flags, {**(base_env or {}), **(env or {})})
+        return self.get_with_env(flags, {**(base_env or {}), **(env or {})}, fresh=fresh)
 
     def stop_all(self):
         while self.live:

@@ -15,7 +15,6 @@ environment knobs make the faults reachable in a few seconds:
 
 from __future__ import annotations
 
-import http.client
 import json
 import threading
 import time
@@ -24,7 +23,7 @@ import urllib.request
 
 import pytest
 
-from lava_sglang.launch import http_json, leaked_slots, settled
+from lava_sglang.launch import drop, http_json, leaked_slots, open_generate, settled, sse_events
 from lava_sglang.workloads import default_corpus_dir, haystack, load_corpus
 
 pytestmark = [pytest.mark.server, pytest.mark.server_configs("reliability")]
@@ -71,27 +70,6 @@ def generate(server, ids, max_new_tokens=16, ignore_eos=False, **custom):
 
 def still_serves(server):
     assert "Paris" in server.generate("The capital of France is", max_new_tokens=4)["text"]
-
-
-def open_request(server, payload):
-    """POST /generate on a raw connection the test can drop at any moment."""
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
-    conn.request("POST", "/generate", body=json.dumps(payload), headers={"Content-Type": "application/json"})
-    return conn
-
-
-def drop(conn):
-    sock = conn.sock
-    conn.close()
-    if sock is not None:
-        sock.close()
-
-
-def stream_events(resp):
-    for raw in resp:
-        line = raw.decode().strip()
-        if line.startswith("data:") and line != "data: [DONE]":
-            yield json.loads(line[5:])
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,7 +138,7 @@ def test_disconnect_during_prefill(server, tokenizer, corpus):
     """Non-streaming client closes its socket while the prompt is being prefilled (chunks of 64)."""
     before = assert_no_leak(server)
     ids = prompt_ids(tokenizer, corpus, 560, seed=7001)
-    conn = open_request(server, {"input_ids": ids, "sampling_params": {"max_new_tokens": 32, "temperature": 0.0}})
+    conn = open_generate(server.port, {"input_ids": ids, "sampling_params": {"max_new_tokens": 32, "temperature": 0.0}})
     deadline = time.time() + 120
     seen_pending = False
     while time.time() < deadline and not seen_pending:
@@ -179,11 +157,11 @@ def test_disconnect_right_after_compression(server, tokenizer, corpus):
     """Streaming client reads the first token (prefill and compression done) and disconnects."""
     before = assert_no_leak(server)
     ids = prompt_ids(tokenizer, corpus, 400, seed=7002)
-    conn = open_request(server, {"input_ids": ids, "stream": True,
+    conn = open_generate(server.port, {"input_ids": ids, "stream": True,
                                  "sampling_params": {"max_new_tokens": 200, "temperature": 0.0, "ignore_eos": True}})
     resp = conn.getresponse()
     assert resp.status == 200
-    first = next(stream_events(resp))
+    first = next(sse_events(resp))
     drop(conn)
     assert first["meta_info"]["completion_tokens"] <= 2
     after = assert_no_leak(server, timeout=60)
@@ -196,11 +174,11 @@ def test_disconnect_during_decode(server, tokenizer, corpus):
     """Streaming client disconnects mid-decode: the request stops (no 400-token run) and all returns."""
     before = assert_no_leak(server)
     ids = prompt_ids(tokenizer, corpus, 200, seed=7003)
-    conn = open_request(server, {"input_ids": ids, "stream": True,
+    conn = open_generate(server.port, {"input_ids": ids, "stream": True,
                                  "sampling_params": {"max_new_tokens": 400, "temperature": 0.0, "ignore_eos": True}})
     resp = conn.getresponse()
     n = 0
-    for event in stream_events(resp):
+    for event in sse_events(resp):
         n = event["meta_info"]["completion_tokens"]
         if n >= 10:
             break

@@ -7,7 +7,7 @@ import threading
 import time
 
 import pytest
-from test_safety import assert_survives, corpus, generate, ids_of, ok, report, server_for, whole  # noqa: F401 (fixture)
+from test_safety import assert_survives, config_server, corpus, generate, ids_of, ok, report, server_for, whole  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.server
 
@@ -19,26 +19,23 @@ ROWS = (*LAVA, "--max-running-requests", "2")
 # case 3: parked conversations must not hold the rows a new request needs
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("park", [True, False], ids=["parked", "no_park_control"])
-def test_case3_parked_conversations_give_their_rows_to_a_new_request(servers, tokenizer, corpus, park):
+def test_case3_parked_conversations_give_their_rows_to_a_new_request(servers, tokenizer, corpus):
     """``--max-running-requests 2``: two distinct ~1500-token compressed requests finish (and are
-    parked); a third distinct one is served within 90 s. ``--no-kv-park`` is the control (nothing
-    parked: served on any code). ``/server_info`` reports ``parked_conversations`` and the cap
-    ``park_max_conversations``, which they never exceed."""
-    server = server_for(servers, ROWS if park else (*ROWS, "--no-kv-park"))
-    seed = 26600 if park else 26650
+    parked); a third distinct one is served within 90 s (before the fix it waited forever: no row
+    was free, and nothing gave one back). ``/server_info`` reports ``parked_conversations`` and the
+    cap ``park_max_conversations``, which they never exceed."""
+    server = server_for(servers, ROWS)
     for k in range(2):
-        out = ok(generate(server, ids_of(tokenizer, corpus, 1500, seed + k), timeout=300))
+        out = ok(generate(server, ids_of(tokenizer, corpus, 1500, 26600 + k), timeout=300))
         assert report(out) is not None, out["meta_info"]
     m = whole(server)
-    assert m["parked_conversations"] >= (1 if park else 0) and (park or m["parked_conversations"] == 0), m
+    assert m["parked_conversations"] >= 1, m
     started = time.time()
-    third = ok(generate(server, ids_of(tokenizer, corpus, 1500, seed + 2), timeout=90))
+    third = ok(generate(server, ids_of(tokenizer, corpus, 1500, 26602), timeout=90))
     assert time.time() - started < 90 and len(third["output_ids"]) == 8
     m = assert_survives(server)
-    if park:  # the fields come with the fix: checked after the third request, whose hang is the bug
-        assert "park_max_conversations" in m, m
-        assert m["parked_conversations"] <= m["park_max_conversations"], m
+    assert "park_max_conversations" in m, m
+    assert m["parked_conversations"] <= m["park_max_conversations"], m
 
 
 def test_case3_parked_conversations_give_their_rows_to_concurrent_requests(servers, tokenizer, corpus):
@@ -69,15 +66,16 @@ def test_case3_parked_conversations_give_their_rows_to_concurrent_requests(serve
 # case 7: --schedule-policy lpm and a continued turn asking for prompt logprobs
 # --------------------------------------------------------------------------------------------
 
-# Case 11's cap shares the server: it caps what case 7's conversation holds, nothing else.
-LPM = (*LAVA, "--schedule-policy", "lpm", "--kv-park-max-slots", "300")
+# The suite's "lava-park-cap" server: --schedule-policy lpm, --kv-park-max-slots 300 (case 11's
+# cap), prefill in 256-token chunks, an 8192-slot pool, debug invariants on.
 
 
+@pytest.mark.server_configs("lava-park-cap")
 def test_case7_lpm_continued_turn_with_prompt_logprobs(servers, tokenizer, corpus):
     """``--schedule-policy lpm``: a ~2500-character prompt is parked; its next turn (history, answer,
     new question) asks for ``return_logprob`` from ``logprob_start_len`` 0. Served (200, all its
     tokens) and the server survives with nothing leaked."""
-    server = server_for(servers, LPM)
+    server = config_server(servers, "lava-park-cap")
     ids = ids_of(tokenizer, corpus, 600, 26801)
     r1 = ok(generate(server, ids, max_new_tokens=16))
     assert report(r1) is not None, r1["meta_info"]
@@ -96,13 +94,14 @@ def test_case7_lpm_continued_turn_with_prompt_logprobs(servers, tokenizer, corpu
 CAP = 300
 
 
+@pytest.mark.server_configs("lava-park-cap")
 def test_case11_growing_conversation_is_not_kept_parked_past_the_cap(servers, tokenizer, corpus):
     """``--kv-park-max-slots 300``: one conversation continued turn after turn with messages
     shorter than the window (no re-selection: what it holds grows by each turn's tokens), so each
     re-park holds more. Once it would hold more than 300 slots it is not kept parked (counted in
     ``park_not_parked_over_cap``): ``parked_slots`` never exceeds 300, and the server survives
     with nothing leaked."""
-    server = server_for(servers, LPM)
+    server = config_server(servers, "lava-park-cap")
     server.flush_cache()
     m = whole(server)
     assert m["parked_slots"] == 0, m

@@ -5,7 +5,15 @@ SGLang's CPU engine (``SGLANG_USE_CPU_ENGINE=1``) imports a few CPU functions fr
 index, and it cannot load without ``libcuda.so.1``. :func:`install_if_needed` puts the
 directory ``stubs/`` (which holds a package named ``sgl_kernel``) first on ``sys.path`` and
 ``PYTHONPATH`` so every SGLang process (spawned children inherit both) imports the stand-in.
-The implementations live in :mod:`lava_sglang.cpu.kernels` (KV ops and speculative-decoding ops).
+What the stand-in exports is gathered in :mod:`lava_sglang.cpu.kernels`, from
+:mod:`lava_sglang.cpu.kv_ops` (KV-cache ops), :mod:`lava_sglang.cpu.spec_tree`
+and :mod:`lava_sglang.cpu.spec_locs` (speculative decoding), sharing :mod:`lava_sglang.cpu.tensor_utils`.
+
+Why speculative stand-ins: the CPU engine imports those entry points too, speculative decoding or
+not, so without them no CPU server starts. KV-cache compression refuses speculative decoding (a
+compressed request never runs them); they are complete implementations nonetheless, tested
+against SGLang's Triton kernels (``tests/test_cpu_kernels.py``), so a plain CPU server
+(``--kv-policy none``) can use EAGLE.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import ctypes
 
 import torch
 
-from lava_sglang.cpu.tensor_utils import I64, check_in, check_pool_len, concat_ranges, range_lengths
+from lava_sglang.cpu.tensor_utils import I64, row_cells
 
 
 def assign_req_to_token_pool_cpu(
@@ -38,19 +38,13 @@ def assign_req_to_token_pool_cpu(
 
     In place. Zero-length requests write nothing.
     """
-    n = req_pool_indices.numel()
-    if n == 0:
+    cells = row_cells(req_to_token, pool_len, req_pool_indices, start_offset, end_offset)
+    if cells is None:
         return
-    check_pool_len(req_to_token, pool_len)
-    start, lengths = range_lengths(start_offset, end_offset, n)
-    owner, cols, rank = concat_ranges(start, lengths)
-    if rank.numel() == 0:
-        return
-    check_in(cols, 0, int(pool_len), "req_to_token column")
-    if rank.numel() > out_cache_loc.numel():
-        raise ValueError(f"out_cache_loc has {out_cache_loc.numel()} entries, {rank.numel()} needed")
-    rows = req_pool_indices.reshape(-1).to(I64)[owner]
-    req_to_token[rows, cols] = out_cache_loc.reshape(-1)[: rank.numel()].to(req_to_token.dtype)
+    rows, cols = cells
+    if cols.numel() > out_cache_loc.numel():
+        raise ValueError(f"out_cache_loc has {out_cache_loc.numel()} entries, {cols.numel()} needed")
+    req_to_token[rows, cols] = out_cache_loc.reshape(-1)[: cols.numel()].to(req_to_token.dtype)
 
 
 def _byte_view(address: int, nbytes: int) -> torch.Tensor:

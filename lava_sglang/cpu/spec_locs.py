@@ -1,13 +1,7 @@
 """Pure-torch stand-ins for the accepted-token and cache-location entry points of ``sgl_kernel``
 (speculative decoding).
 
-Why they exist: SGLang's CPU engine (``SGLANG_USE_CPU_ENGINE=1``) imports these entry points
-of ``sgl_kernel`` at import time, speculative decoding or not, and the CUDA build of
-``sglang-kernel`` cannot load without ``libcuda.so.1``: without them no CPU server starts.
-KV-cache compression refuses speculative decoding (a compressed request never runs them);
-they are complete implementations nonetheless, tested against SGLang's Triton kernels
-(``tests/test_cpu_kernels.py``), so a plain CPU server (``--kv-policy none``) can use EAGLE.
-Semantics follow the GPU twin named in each docstring (paths relative to ``sglang``):
+Why speculative stand-ins exist at all: see :mod:`lava_sglang.cpu`. Semantics follow the GPU twin named in each docstring (paths relative to ``sglang``):
 
 * ``fill_accept_out_cache_loc_cpu``, ``fill_bonus_tokens_cpu``: ``fill_accept_out_cache_loc``,
   ``fill_bonus_tokens`` (``kernels/ops/speculative/eagle.py``);
@@ -25,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from lava_sglang.cpu.tensor_utils import I64, check_in, check_pool_len, concat_ranges, flat_view, range_lengths
+from lava_sglang.cpu.tensor_utils import I64, check_in, check_pool_len, concat_ranges, flat_view, row_cells
 
 
 # --------------------------------------------------------------------------------------
@@ -150,20 +144,14 @@ def assign_extend_cache_locs_cpu(
     In place; entries past the total are left untouched. Also used by
     ``fill_front_out_cache_loc_func`` with an int32 ``[bs, window]`` table.
     """
-    n = req_pool_indices.numel()
-    if n == 0:
+    cells = row_cells(req_to_token, pool_len, req_pool_indices, start_offset, end_offset)
+    if cells is None:
         return
-    check_pool_len(req_to_token, pool_len)
-    start, lengths = range_lengths(start_offset, end_offset, n)
-    owner, cols, rank = concat_ranges(start, lengths)
-    if rank.numel() == 0:
-        return
-    check_in(cols, 0, int(pool_len), "req_to_token column")
+    rows, cols = cells
     out = flat_view(out_cache_loc, "out_cache_loc")
-    if out.numel() < rank.numel():
-        raise ValueError(f"out_cache_loc has {out.numel()} entries, {rank.numel()} needed")
-    rows = req_pool_indices.reshape(-1).to(I64)[owner]
-    out[: rank.numel()] = req_to_token[rows, cols].to(out.dtype)
+    if out.numel() < cols.numel():
+        raise ValueError(f"out_cache_loc has {out.numel()} entries, {cols.numel()} needed")
+    out[: cols.numel()] = req_to_token[rows, cols].to(out.dtype)
 
 
 def rotate_input_ids_cpu(

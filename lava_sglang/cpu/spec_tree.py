@@ -1,12 +1,6 @@
 """Pure-torch stand-ins for the EAGLE tree entry points of ``sgl_kernel`` (speculative decoding).
 
-Why they exist: SGLang's CPU engine (``SGLANG_USE_CPU_ENGINE=1``) imports these entry points
-of ``sgl_kernel`` at import time, speculative decoding or not, and the CUDA build of
-``sglang-kernel`` cannot load without ``libcuda.so.1``: without them no CPU server starts.
-KV-cache compression refuses speculative decoding (a compressed request never runs them);
-they are complete implementations nonetheless, tested against SGLang's Triton kernels
-(``tests/test_cpu_kernels.py``), so a plain CPU server (``--kv-policy none``) can use EAGLE.
-Semantics follow the GPU twin named in each docstring (paths relative to ``sglang``):
+Why speculative stand-ins exist at all: see :mod:`lava_sglang.cpu`. Semantics follow the GPU twin named in each docstring (paths relative to ``sglang``):
 
 * ``build_tree_kernel_efficient_cpu``: ``sgl_build_tree_kernel_efficient_triton``
   (``kernels/ops/speculative/spec_tree.py``); its bit-packed mask mode, which the Triton

@@ -1,5 +1,5 @@
 """Shared checks and index helpers of the pure-torch ``sgl_kernel`` stand-ins
-(:mod:`lava_sglang.cpu.kv_ops`, :mod:`lava_sglang.cpu.spec_ops`)."""
+(:mod:`lava_sglang.cpu.kv_ops`, :mod:`lava_sglang.cpu.spec_locs`, :mod:`lava_sglang.cpu.spec_tree`)."""
 
 from __future__ import annotations
 
@@ -48,3 +48,20 @@ def check_in(values: torch.Tensor, low: int, high: int, what: str) -> None:
     """Raise unless every value lies in ``[low, high)``."""
     if values.numel() and (int(values.min()) < low or int(values.max()) >= high):
         raise ValueError(f"{what} out of range [{low}, {high}): min {int(values.min())}, max {int(values.max())}")
+
+
+def row_cells(req_to_token: torch.Tensor, pool_len: int, req_pool_indices: torch.Tensor, start_offset: torch.Tensor,
+              end_offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The ``req_to_token`` cells of the ranges ``[start[i], end[i])`` of rows
+    ``req_pool_indices[i]``, concatenated in request order: ``(rows, cols)``, or None when there
+    are none. Checks ``pool_len`` against the table and every column against ``pool_len``."""
+    n = req_pool_indices.numel()
+    if n == 0:
+        return None
+    check_pool_len(req_to_token, pool_len)
+    start, lengths = range_lengths(start_offset, end_offset, n)
+    owner, cols, rank = concat_ranges(start, lengths)
+    if rank.numel() == 0:
+        return None
+    check_in(cols, 0, int(pool_len), "req_to_token column")
+    return req_pool_indices.reshape(-1).to(I64)[owner], cols

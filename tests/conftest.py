@@ -57,10 +57,11 @@ CONFIGS = {
     "lava-chunked": (("--kv-policy", "lava", "--kv-budget", "128", *SESSION_FLAGS, "--enable-metrics"), DEBUG_ENV),
     # Its uncompressed twin (same chunking: greedy outputs compare token for token).
     "none": (("--kv-policy", "none", *SESSION_FLAGS), {}),
-    # tests/test_sessions_resend.py: a pool that holds four parked conversations, and a parking cap
+    # tests/test_sessions_resend.py: a pool that holds four parked conversations (streaming
+    # sessions on: tests/test_safety_memory.py's session turn behind a blocked head), and a parking cap
     # (with a cache-aware schedule policy: tests/test_safety_rows.py, cases 7 and 11).
     "lava-small-pool": (("--kv-policy", "lava", "--kv-budget", "128", "--chunked-prefill-size", "256",
-                         "--max-total-tokens", "1100", "--enable-metrics"), DEBUG_ENV),
+                         "--max-total-tokens", "1100", "--enable-metrics", "--enable-streaming-session"), DEBUG_ENV),
     "lava-park-cap": (("--kv-policy", "lava", "--kv-budget", "128", "--chunked-prefill-size", "256",
                        "--max-total-tokens", "8192", "--kv-park-max-slots", "300", "--schedule-policy", "lpm"),
                       DEBUG_ENV),

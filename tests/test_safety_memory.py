@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from test_safety import assert_survives, corpus, generate, ids_of, ok, post, report, server_for, whole  # noqa: F401 (fixture)
+from test_safety import assert_survives, config_server, corpus, generate, ids_of, ok, post, report, server_for, whole  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.server
 
@@ -86,4 +86,64 @@ def test_case6_fresh_prompt_and_continued_turn_admitted_together(servers, tokeni
         assert name in results, f"{name} never returned\n" + server.log_tail(40)
         out = ok(results[name])
         assert len(out["output_ids"]) == 8, (name, out["meta_info"])
+    assert_survives(server)
+
+
+# --------------------------------------------------------------------------------------------
+# streaming sessions holding the memory that the head of the queue waits for
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.server_configs("lava-small-pool")
+def test_session_turn_behind_a_blocked_head_is_served(servers, tokenizer, corpus):
+    """Found by the seed-7 soak (the server silent for minutes, 11 requests waiting): on the
+    1100-slot pool a streaming session's turn 1 (~400 tokens, compressed) holds its KV, as SGLang
+    sessions do between turns. A fresh ~1000-token request arrives and cannot be admitted while the
+    session holds its slots; the session's turn 2 arrives behind it (the scheduler is paused so the
+    order is certain). First-come-first-served waited forever: turn 2 behind the head, the head
+    behind the memory that only turn 2 and the session's close would give back. Turn 2 is served
+    within 120 s, the client closes the session, the fresh request is then served, nothing leaks."""
+    server = config_server(servers, "lava-small-pool")
+    server.flush_cache()
+    sid = server.open_session()
+    closed = False
+    try:
+        first = ok(post(server, {"input_ids": ids_of(tokenizer, corpus, 400, 27301), "session_params": {"id": sid},
+                                 "sampling_params": {"max_new_tokens": 8, "temperature": 0.0, "ignore_eos": True}}))
+        assert report(first) is not None, first["meta_info"]
+        m = server.kv_memory()  # not settled: the open session holds its turn's compressed state
+        head = ids_of(tokenizer, corpus, 1000, 27302)
+        assert len(head) + 8 > m["available_slots"], ("the fresh request would fit beside the session", m)
+        results = {}
+
+        def run(name, payload, timeout):
+            results[name] = post(server, payload, timeout=timeout)
+
+        sp = {"max_new_tokens": 8, "temperature": 0.0, "ignore_eos": True}
+        threads = {"head": threading.Thread(target=run, args=("head", {"input_ids": head, "sampling_params": sp}, 400)),
+                   "turn": threading.Thread(target=run, args=("turn", {
+                       "input_ids": ids_of(tokenizer, corpus, 100, 27303), "session_params": {"id": sid},
+                       "sampling_params": sp}, 120))}
+        status, body = post(server, {"mode": "in_place"}, path="/pause_generation", timeout=60)
+        assert status == 200, body
+        try:
+            threads["head"].start()
+            time.sleep(1.0)
+            threads["turn"].start()
+            time.sleep(2.0)  # both wait at the paused scheduler, the fresh request first
+        finally:
+            status, body = post(server, {"torch_empty_cache": False}, path="/continue_generation", timeout=60)
+        assert status == 200, body
+        threads["turn"].join(150)
+        assert "turn" in results, "the session's turn never returned\n" + server.log_tail(40)
+        turn = ok(results["turn"])
+        assert len(turn["output_ids"]) == 8 and turn["meta_info"]["cached_tokens"] > 0, turn["meta_info"]
+        assert "session turn(s) go first" in server.log_text(), server.log_tail(40)
+        server.close_session(sid)
+        closed = True
+        threads["head"].join(450)
+        assert "head" in results, "the fresh request never returned\n" + server.log_tail(40)
+        assert len(ok(results["head"])["output_ids"]) == 8
+    finally:
+        if not closed:
+            server.close_session(sid)
     assert_survives(server)

@@ -14,6 +14,12 @@ reservation:
   round that admits nothing while nothing runs, with requests waiting and idle conversations
   parked, would wait forever: such a round releases the least recently used idle conversation
   (its lock with it), and the next round tries again.
+* **Streaming sessions behind a blocked head**: a streaming session owns its KV between turns
+  (SGLang's semantics). When the head of the queue needs more than is free while sessions hold
+  the rest, and their next turns wait behind it, first-come-first-served would wait forever: in
+  such a round (nothing admitted, nothing running, no idle conversation left to release) the
+  waiting turns of sessions that hold KV move to the front. Serving them is what lets their
+  clients go on and close them.
 * **Admission races**: one round may admit a request on idle parked slots and lend that very
   conversation to a later request of the same round (the match runs after the earlier
   admission). When the allocation then comes up short, conversations lent to requests that are
@@ -74,7 +80,33 @@ def around_get_new_batch_prefill(original, self, running_batch=None, *args, **kw
         if rec is not None:
             release(self.tree_cache, rec, "admission stalled: its prefix lock and slots go back to the tree")
             LOT.totals["evictions"] += 1
+    elif (getattr(plan, "batch_to_run", None) is None and (batch is None or batch.is_empty())
+          and getattr(self, "chunked_req", None) is None and getattr(self, "waiting_queue", None)):
+        _session_turns_first(self)
     return plan
+
+
+def _session_turns_first(scheduler) -> int:
+    """A stalled round with nothing parked to release: the waiting turns of streaming sessions
+    that hold KV go to the front of the queue, in their order (see the module docstring).
+    Returns how many moved; 0 when the head already is such a turn."""
+    slots = getattr(getattr(scheduler.tree_cache, "session", None), "slots", None) or {}
+    if not slots:
+        return 0
+
+    def holds(req) -> bool:
+        session = getattr(req, "session", None)
+        slot = slots.get(getattr(session, "session_id", None)) if session is not None else None
+        return slot is not None and bool(slot.kv.holds_kv)
+
+    waiting = scheduler.waiting_queue
+    turns = [r for r in waiting if holds(r)]
+    if not turns or holds(waiting[0]):
+        return 0
+    waiting[:] = turns + [r for r in waiting if not holds(r)]
+    logger.info("lava-sglang: admission stalled behind request %s (sessions hold the memory it needs): %d waiting "
+                "session turn(s) go first", waiting[len(turns)].rid, len(turns))
+    return len(turns)
 
 
 def _reclaim_from_waiting(cache, short: int) -> int:

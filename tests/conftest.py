@@ -59,12 +59,11 @@ CONFIGS = {
     "none": (("--kv-policy", "none", *SESSION_FLAGS), {}),
     # tests/test_sessions_resend.py: a pool that holds four parked conversations (streaming
     # sessions on: tests/test_safety_memory.py's session turn behind a blocked head), and a parking cap
-    # (with a cache-aware schedule policy: tests/test_safety_rows.py, cases 7 and 11).
+    # (also tests/test_safety_rows.py's case 11).
     "lava-small-pool": (("--kv-policy", "lava", "--kv-budget", "128", "--chunked-prefill-size", "256",
                          "--max-total-tokens", "1100", "--enable-metrics", "--enable-streaming-session"), DEBUG_ENV),
     "lava-park-cap": (("--kv-policy", "lava", "--kv-budget", "128", "--chunked-prefill-size", "256",
-                       "--max-total-tokens", "8192", "--kv-park-max-slots", "300", "--schedule-policy", "lpm"),
-                      DEBUG_ENV),
+                       "--max-total-tokens", "8192", "--kv-park-max-slots", "300"), DEBUG_ENV),
 }
 # The order the pooled tests run in, by the configurations each names (the first, where the
 # combination is not listed). Every configuration starts once with two live servers: lava-4096

@@ -66,16 +66,16 @@ def test_case3_parked_conversations_give_their_rows_to_concurrent_requests(serve
 # case 7: --schedule-policy lpm and a continued turn asking for prompt logprobs
 # --------------------------------------------------------------------------------------------
 
-# The suite's "lava-park-cap" server: --schedule-policy lpm, --kv-park-max-slots 300 (case 11's
-# cap), prefill in 256-token chunks, an 8192-slot pool, debug invariants on.
+# Its own server: whole-prompt prefill on the base pool, as the case was reproduced (on the shared
+# "lava-park-cap" server, with 256-token chunks, the code before the fix passed this test).
+LPM = (*LAVA, "--schedule-policy", "lpm", "--kv-park-max-slots", "300")
 
 
-@pytest.mark.server_configs("lava-park-cap")
 def test_case7_lpm_continued_turn_with_prompt_logprobs(servers, tokenizer, corpus):
     """``--schedule-policy lpm``: a ~2500-character prompt is parked; its next turn (history, answer,
     new question) asks for ``return_logprob`` from ``logprob_start_len`` 0. Served (200, all its
     tokens) and the server survives with nothing leaked."""
-    server = config_server(servers, "lava-park-cap")
+    server = server_for(servers, LPM)
     ids = ids_of(tokenizer, corpus, 600, 26801)
     r1 = ok(generate(server, ids, max_new_tokens=16))
     assert report(r1) is not None, r1["meta_info"]
@@ -94,6 +94,8 @@ def test_case7_lpm_continued_turn_with_prompt_logprobs(servers, tokenizer, corpu
 CAP = 300
 
 
+# The suite's "lava-park-cap" server: --kv-park-max-slots 300, prefill in 256-token chunks, an
+# 8192-slot pool, debug invariants on.
 @pytest.mark.server_configs("lava-park-cap")
 def test_case11_growing_conversation_is_not_kept_parked_past_the_cap(servers, tokenizer, corpus):
     """``--kv-park-max-slots 300``: one conversation continued turn after turn with messages

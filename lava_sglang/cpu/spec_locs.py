@@ -1,7 +1,8 @@
 """Pure-torch stand-ins for the accepted-token and cache-location entry points of ``sgl_kernel``
 (speculative decoding).
 
-Why speculative stand-ins exist at all: see :mod:`lava_sglang.cpu`. Semantics follow the GPU twin named in each docstring (paths relative to ``sglang``):
+Why speculative stand-ins exist at all: see :mod:`lava_sglang.cpu`. Semantics follow the GPU twin
+named in each docstring (paths relative to ``sglang``):
 
 * ``fill_accept_out_cache_loc_cpu``, ``fill_bonus_tokens_cpu``: ``fill_accept_out_cache_loc``,
   ``fill_bonus_tokens`` (``kernels/ops/speculative/eagle.py``);

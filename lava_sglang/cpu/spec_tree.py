@@ -1,6 +1,7 @@
 """Pure-torch stand-ins for the EAGLE tree entry points of ``sgl_kernel`` (speculative decoding).
 
-Why speculative stand-ins exist at all: see :mod:`lava_sglang.cpu`. Semantics follow the GPU twin named in each docstring (paths relative to ``sglang``):
+Why speculative stand-ins exist at all: see :mod:`lava_sglang.cpu`. Semantics follow the GPU twin
+named in each docstring (paths relative to ``sglang``):
 
 * ``build_tree_kernel_efficient_cpu``: ``sgl_build_tree_kernel_efficient_triton``
   (``kernels/ops/speculative/spec_tree.py``); its bit-packed mask mode, which the Triton

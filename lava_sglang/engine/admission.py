@@ -72,17 +72,15 @@ def around_get_new_batch_prefill(original, self, running_batch=None, *args, **kw
             if batch is not None:
                 batch.batch_is_full = False
     plan = original(self, running_batch, *args, **kwargs) if running_batch is not None else original(self, *args, **kwargs)
-    stalled = (LOT.idle_count and getattr(plan, "batch_to_run", None) is None
-               and (batch is None or batch.is_empty()) and getattr(self, "chunked_req", None) is None
-               and getattr(self, "waiting_queue", None))
+    stalled = (getattr(plan, "batch_to_run", None) is None and (batch is None or batch.is_empty())
+               and getattr(self, "chunked_req", None) is None and getattr(self, "waiting_queue", None))
     if stalled:
-        rec = next(LOT.lru_idle(), None)
+        rec = next(LOT.lru_idle(), None) if LOT.idle_count else None
         if rec is not None:
             release(self.tree_cache, rec, "admission stalled: its prefix lock and slots go back to the tree")
             LOT.totals["evictions"] += 1
-    elif (getattr(plan, "batch_to_run", None) is None and (batch is None or batch.is_empty())
-          and getattr(self, "chunked_req", None) is None and getattr(self, "waiting_queue", None)):
-        _session_turns_first(self)
+        else:
+            _session_turns_first(self)
     return plan
 
 
@@ -100,10 +98,11 @@ def _session_turns_first(scheduler) -> int:
         return slot is not None and bool(slot.kv.holds_kv)
 
     waiting = scheduler.waiting_queue
-    turns = [r for r in waiting if holds(r)]
-    if not turns or holds(waiting[0]):
+    held = [holds(r) for r in waiting]
+    if not any(held) or held[0]:
         return 0
-    waiting[:] = turns + [r for r in waiting if not holds(r)]
+    turns = [r for r, h in zip(waiting, held) if h]
+    waiting[:] = turns + [r for r, h in zip(waiting, held) if not h]
     logger.info("lava-sglang: admission stalled behind request %s (sessions hold the memory it needs): %d waiting "
                 "session turn(s) go first", waiting[len(turns)].rid, len(turns))
     return len(turns)

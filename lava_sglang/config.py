@@ -12,6 +12,9 @@ from typing import Any, Mapping
 
 POLICIES = ("none", "streamingllm", "snapkv", "pyramidkv", "adakv", "lava")
 POOLINGS = ("max", "avg")
+# When a compressed request's prompt is compressed: once after its whole prefill, or after every
+# prefill chunk (engine/prefill.py, "Compression during chunked prefill").
+PREFILL_MODES = ("after", "chunked")
 
 # Upper bounds of the numeric settings, so that one request's cost stays proportional to its
 # prompt: scoring costs window x prompt per head, pooling kernel x prompt; a budget or a
@@ -52,6 +55,9 @@ class CompressionConfig:
     floor_alpha: float = 0.2
     pyramid_beta: float = 20.0
     min_prompt_len: int = 0
+    # "after": compress once the whole prompt is prefilled; "chunked": re-select after every
+    # prefill chunk, so a request holds at most budget + chunk + window slots while prefilled.
+    prefill_compression: str = "after"
     # Parked conversations (engine.parking): a compressed request's state outlives it, for a
     # client that resends the whole history; ``park_max_slots`` caps what they hold (0: no cap
     # but the pool, they are evicted on demand). ``park_max_slots`` is server-wide only.
@@ -89,6 +95,9 @@ class CompressionConfig:
             raise ConfigError(name("policy"), f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
         if self.pooling not in POOLINGS:
             raise ConfigError(name("pooling"), f"unknown pooling {self.pooling!r}; choose one of {', '.join(POOLINGS)}")
+        if self.prefill_compression not in PREFILL_MODES:
+            raise ConfigError(name("prefill_compression"),
+                              f"unknown mode {self.prefill_compression!r}; choose one of {', '.join(PREFILL_MODES)}")
         if not isinstance(self.park, bool):
             raise ConfigError(name("park"), f"must be true or false, got {self.park!r}")
         for field in ("budget", "window", "kernel_size", "min_prompt_len", "park_max_slots", "park_max_conversations"):

@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 
-from lava_sglang.config import POLICIES, POOLINGS, CompressionConfig, ConfigError
+from lava_sglang.config import POLICIES, POOLINGS, PREFILL_MODES, CompressionConfig, ConfigError
 
 logger = logging.getLogger("lava_sglang")
 
@@ -46,6 +46,14 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--kv-window", type=int, default=_DEFAULTS.window, help="Observation window: the last prompt tokens whose queries score the cache; always kept.")
     group.add_argument("--kv-pooling", choices=POOLINGS, default=_DEFAULTS.pooling, help="Pooling of the scores along the sequence.")
+    group.add_argument(
+        "--kv-prefill-compression",
+        choices=PREFILL_MODES,
+        default=_DEFAULTS.prefill_compression,
+        help="after: compress each request once its whole prompt is prefilled; chunked: re-select after every "
+        "prefill chunk (--chunked-prefill-size), so a request never holds more than budget + chunk + window "
+        "slots while it is prefilled (per request: kv_prefill_compression).",
+    )
     group.add_argument("--kv-kernel-size", type=int, default=_DEFAULTS.kernel_size, help="Pooling kernel size (odd).")
     group.add_argument("--kv-floor-alpha", type=float, default=_DEFAULTS.floor_alpha, help="Share of each head's budget guaranteed before the cross-head top-k (adakv, lava), in [0, 1].")
     group.add_argument("--kv-pyramid-beta", type=float, default=_DEFAULTS.pyramid_beta, help="PyramidKV slope: the last layer keeps budget/beta.")

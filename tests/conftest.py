@@ -62,6 +62,9 @@ CONFIGS = {
     # (also tests/test_safety_rows.py's case 11).
     "lava-small-pool": (("--kv-policy", "lava", "--kv-budget", "128", "--chunked-prefill-size", "256",
                          "--max-total-tokens", "1100", "--enable-metrics", "--enable-streaming-session"), DEBUG_ENV),
+    # tests/test_chunked_prefill.py: a pool four times smaller than its prompts, compressed chunk by chunk.
+    "lava-tiny-pool": (("--kv-policy", "lava", "--kv-budget", "256", "--max-total-tokens", "1024",
+                        "--chunked-prefill-size", "512"), DEBUG_ENV),
     "lava-park-cap": (("--kv-policy", "lava", "--kv-budget", "128", "--chunked-prefill-size", "256",
                        "--max-total-tokens", "8192", "--kv-park-max-slots", "300"), DEBUG_ENV),
 }
@@ -71,7 +74,7 @@ CONFIGS = {
 # none arrive together for the tests comparing them; the lava-chunked-only tests then make it the
 # most recently used, so the small pool's test (which also uses lava-chunked) evicts none.
 CONFIG_ORDER = ("lava", "lava-dp2", "lava-4096+none-plain", "none-plain", "reliability", "retract",
-                "lava-chunked+none", "none", "lava-chunked", "lava-small-pool", "lava-park-cap")
+                "lava-chunked+none", "none", "lava-chunked", "lava-small-pool", "lava-tiny-pool", "lava-park-cap")
 # Pooled tests in modules that do not name their configurations (server_configs markers) themselves.
 UNMARKED = {
     "test_server_basic.py::test_lava_greedy_output_equals_none_when_budget_covers_prompt": ("lava-4096", "none-plain"),

@@ -34,7 +34,9 @@ from typing import Optional
 
 import torch
 
+from lava_sglang.engine.accounting import debug_check
 from lava_sglang.engine.cells import pool_cells
+from lava_sglang.engine.chunked import chunk_target, is_chunked, note_peak
 from lava_sglang.engine.compress import Candidates, make_report, select_and_pack
 from lava_sglang.engine.failures import fail_request, inject
 from lava_sglang.engine.report import attach, record
@@ -160,23 +162,42 @@ def reselect(state: CompressedRequest, req_to_token: torch.Tensor, kv_pool, allo
     return report
 
 
-def continued_state(req, chunk_lo: int, req_to_token, space) -> Optional[CompressedRequest]:
+def continued_state(req, chunk_lo: int, chunk_hi: int, req_to_token, space) -> Optional[CompressedRequest]:
     """The compressed state this chunk continues over (a session's or a parked conversation's
-    row), or None. A new turn (another request object on the row's record) begins here."""
+    row, or the request's own earlier chunks under chunked prefill compression), or None. A new
+    turn (another request object on the row's record) begins here."""
     row = int(req.kv.req_pool_idx)
     state = REGISTRY.compressed.get(row)
     if state is None:
         return None
+    turn_end = len(req.full_untruncated_fill_ids)
     if not owns(state, req):  # a new turn (session or parked conversation), whatever its rid
         if state.kv is not req.kv:  # not the session's record: a stale state, never read it
             logger.warning("lava-sglang: row %d: dropping the state of %s (request %s is not its continuation)",
                            row, state.rid, req.rid)
             REGISTRY.drop(row)
             return None
-        begin_turn(state, req, request_config(req), len(req.full_untruncated_fill_ids), chunk_lo)
+        begin_turn(state, req, request_config(req), turn_end, chunk_lo)
+        state.chunk_selections, state.peak_slots = 0, 0
     if chunk_lo < state.prompt_len:
         rewind(state, chunk_lo, req_to_token, space)
+    config = request_config(req)
+    if is_chunked(config) and chunk_hi <= turn_end:
+        _aim_chunk(state, req, config, chunk_lo, chunk_hi, turn_end)
     return state
+
+
+def _aim_chunk(state: CompressedRequest, req, config, chunk_lo: int, chunk_hi: int, turn_end: int) -> None:
+    """Chunked prefill compression (``engine.chunked``): the selection this prompt chunk feeds."""
+    target = chunk_target(config, chunk_lo, chunk_hi, turn_end)
+    pend = state.reselect
+    if target is None or not should_compress(config, state.prefix_len, target):
+        if pend is not None and pend.prompt_len != turn_end:
+            state.reselect = None
+        return
+    if pend is None or pend.prompt_len != target:
+        state.reselect = PendingRequest(rid=req.rid, row=state.row, config=config, prefix_len=state.prefix_len,
+                                        prompt_len=target, owner=state.owner)
 
 
 def finish_turn(worker, req, state: CompressedRequest, chunk_hi: int, elapsed: float) -> None:
@@ -185,7 +206,12 @@ def finish_turn(worker, req, state: CompressedRequest, chunk_hi: int, elapsed: f
     pend = state.reselect
     if pend is not None:
         pend.prefill_seconds += elapsed
+    chunked = is_chunked(request_config(req))
+    if chunked and chunk_hi <= len(req.full_untruncated_fill_ids):
+        note_peak(state, state.kept_slots + chunk_hi - state.prompt_len)
     if chunk_hi < len(req.full_untruncated_fill_ids):
+        if chunked and pend is not None and pend.prompt_len == chunk_hi:
+            _reselect_chunk(worker, req, state, pend)
         return  # more chunks to come
     if pend is None or pend.prompt_len != chunk_hi:
         state.reselect = None
@@ -206,6 +232,30 @@ def finish_turn(worker, req, state: CompressedRequest, chunk_hi: int, elapsed: f
         fail_request(req, "reselect", exc)
         return
     if report is None:
-        attach(req, dict(state.report, turn=state.turns, continued=True, reselected=False))
+        attach(req, dict(state.report, turn=state.turns, continued=state.turns > 1, reselected=False))
         return
-    record(worker, req, report, first=False)
+    if chunked:
+        state.chunk_selections += 1
+        report.update(prefill_compression="chunked", chunk_selections=state.chunk_selections,
+                      peak_slots=state.peak_slots, continued=state.turns > 1)
+    record(worker, req, report, first=chunked and state.turns == 1)
+
+
+def _reselect_chunk(worker, req, state: CompressedRequest, pend: PendingRequest) -> None:
+    """Re-select after a prompt chunk that is not the last (``engine.chunked``): the next chunk
+    attends over the new layout. Nothing is reported until the prompt is complete."""
+    if any(q is None for q in pend.queries) or len(pend.queries) != len(state.mid_cells):
+        logger.warning("lava-sglang: request %s: window queries of a chunk missing; not re-selected", req.rid)
+        state.reselect = None
+        return
+    runner = worker.model_runner
+    try:
+        inject("reselect", req)
+        report = reselect(state, runner.req_to_token_pool.req_to_token, runner.token_to_kv_pool,
+                          runner.token_to_kv_pool_allocator, prefill_seconds=pend.prefill_seconds)
+    except Exception as exc:  # scoring or selection raised: the layout is as before, the request fails alone
+        fail_request(req, "reselect", exc)
+        return
+    if report is not None:
+        state.chunk_selections += 1
+        debug_check(worker)

@@ -11,7 +11,9 @@ The subsystems (``docs/design.md``):
   ``decode``, ``replay``): the forward and attention interception;
 * ``report``: ``meta_info``, metrics, log lines;
 * ``release``: what a released row frees; ``accounting``: slots and invariants;
-* ``parking`` (with ``parking_lot``) and ``admission``: parked conversations as a cache.
+* ``parking`` (with ``parking_lot``) and ``admission``: parked conversations as a cache;
+* ``long_prompts`` (with ``chunked``): compression during chunked prefill lifts the pool part of
+  the length limit and admits on what one chunk needs.
 
 Flow of one compressed request (scheduler process):
 
@@ -35,10 +37,10 @@ Flow of one compressed request (scheduler process):
 
 from __future__ import annotations
 
-from lava_sglang.engine import (accounting, admission, forward, parking, pool_alloc, release, report, settings,
-                                startup)
+from lava_sglang.engine import (accounting, admission, forward, long_prompts, parking, pool_alloc, release, report,
+                                settings, startup)
 
-SUBSYSTEMS = (startup, settings, pool_alloc, forward, report, release, accounting, parking, admission)
+SUBSYSTEMS = (startup, settings, pool_alloc, forward, report, release, accounting, parking, admission, long_prompts)
 
 
 def hook_specs():

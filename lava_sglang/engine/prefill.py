@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
+from lava_sglang.engine.accounting import debug_check
+from lava_sglang.engine.chunked import chunk_target, is_chunked, note_peak
 from lava_sglang.engine.compress import compress_request
 from lava_sglang.engine.continuation import continued_state, finish_turn
 from lava_sglang.engine.failures import fail_request, inject
@@ -80,7 +82,7 @@ def prepare_extend(batch, req_to_token, space):
         try:
             if row is not None and (int(row) in REGISTRY.compressed or int(row) in REGISTRY.pending):
                 inject("layout", req)
-            state = continued_state(req, chunk_lo, req_to_token, space) if row is not None else None
+            state = continued_state(req, chunk_lo, chunk_hi, req_to_token, space) if row is not None else None
             if state is not None:
                 entry = LayoutEntry(state.row, state.prefix_len, state.prompt_len, chunk_hi, ext, offset, state_mid(state))
         except Exception as exc:  # fail this request; the forward reads its row as it is (its output is dropped)
@@ -123,6 +125,8 @@ def prepare_extend(batch, req_to_token, space):
                 entries.append(uncompressed_entry(row, prompt_hi, prompt_hi - chunk_lo, offset))
         else:
             if pending is not None and pending.replay is None:
+                if is_chunked(pending.config):
+                    _aim(pending, chunk_lo, chunk_hi, len(req.origin_input_ids))
                 cap = _window_capture(pending, offset, chunk_lo, chunk_hi)
                 if cap is not None:
                     captures.append(cap)
@@ -146,6 +150,15 @@ def prepare_extend(batch, req_to_token, space):
         return None
     plan = LayoutPlan(replay_entries, req_to_token, space) if replay_entries else None
     return ExtendStep(captures, plan)
+
+
+def _aim(pending, chunk_lo: int, chunk_hi: int, end: int) -> None:
+    """Chunked prefill compression (``engine.chunked``): the range a not yet compressed request's
+    next selection covers, whose window this chunk captures."""
+    target = chunk_target(pending.config, chunk_lo, chunk_hi, end) or end
+    if target != pending.prompt_len:
+        pending.prompt_len = target
+        pending.queries = []
 
 
 def _forget_row(row) -> None:
@@ -176,7 +189,13 @@ def finish_extend(worker, batch, elapsed: float) -> None:
             continue
         pending.prefill_seconds += elapsed
         if chunk_hi < len(req.full_untruncated_fill_ids):
-            continue  # more chunks to come
+            if not (is_chunked(pending.config) and pending.replay is None and pending.prompt_len == chunk_hi):
+                continue  # more chunks to come
+            note_peak(pending, chunk_hi - pending.prefix_len)
+            if not should_compress(pending.config, pending.prefix_len, chunk_hi):
+                continue  # the range so far fits the budget: nothing to select yet
+        elif is_chunked(pending.config):
+            note_peak(pending, chunk_hi - pending.prefix_len)
         del REGISTRY.pending[pending.row]
         if pending.replay is None and (any(q is None for q in pending.queries) or not pending.queries):
             logger.warning("lava-sglang: request %s: window queries missing; not compressed", req.rid)
@@ -193,6 +212,13 @@ def finish_extend(worker, batch, elapsed: float) -> None:
         state.kv = req.kv
         state.report["turn"] = 1
         REGISTRY.compressed[state.row] = state
+        if is_chunked(pending.config):
+            state.peak_slots = pending.peak_slots
+            state.chunk_selections = 1
+            state.report.update(prefill_compression="chunked", chunk_selections=1, peak_slots=state.peak_slots)
+            if chunk_hi < len(req.origin_input_ids):
+                debug_check(worker)
+                continue  # a chunk of the prompt: the rest continues over the layout (engine.chunked)
         if pending.replay is not None:
             REGISTRY.totals["replayed_requests"] += 1
             state.report["replayed_after_retraction"] = True

@@ -71,16 +71,25 @@ def around_release_kv_cache(original, req, tree_cache, *args, **kwargs):
     row, rid = req.kv.req_pool_idx, req.rid
     state = REGISTRY.compressed_for(row)
     if state is not None and owns(state, req) and _is_retraction(req):
-        REGISTRY.remember_retracted(state)
-        if state.turns > 1:
-            # SGLang frees a retracted session turn's row and prefills the whole history again; the
-            # history's keys are then computed over the full context, not over the compressed one
-            # the conversation had, so the replayed selection cannot make the output exact.
-            logger.warning("lava-sglang: continued turn %s (turn %d) retracted; its re-prefill recomputes the history "
-                           "over the full context and replays the selection: its output may differ from a run "
-                           "without retraction", rid, state.turns)
+        if state.chunk_selections > 1:
+            # Selected chunk by chunk: each chunk's keys were computed over the compressed history
+            # of the chunks before it, which a re-prefill does not reproduce (engine.chunked): it is
+            # compressed afresh, chunk by chunk, and no selection is replayed.
+            logger.warning("lava-sglang: request %s (compressed chunk by chunk) retracted; it is prefilled and "
+                           "compressed again chunk by chunk: its output may differ from a run without retraction",
+                           rid)
         else:
-            logger.info("lava-sglang: compressed request %s retracted; its re-prefill will replay its selection", rid)
+            REGISTRY.remember_retracted(state)
+            if state.turns > 1:
+                # SGLang frees a retracted session turn's row and prefills the whole history again;
+                # the history's keys are then computed over the full context, not over the compressed
+                # one the conversation had, so the replayed selection cannot make the output exact.
+                logger.warning("lava-sglang: continued turn %s (turn %d) retracted; its re-prefill recomputes the "
+                               "history over the full context and replays the selection: its output may differ "
+                               "from a run without retraction", rid, state.turns)
+            else:
+                logger.info("lava-sglang: compressed request %s retracted; its re-prefill will replay its selection",
+                            rid)
     kept = False
     try:
         result = original(req, tree_cache, *args, **kwargs)

@@ -48,11 +48,14 @@ def record(worker, req, report: dict, first: bool) -> None:
     metrics.record(report)
     attach(req, report)
     r = report
+    chunked = (f" chunked: {r['chunk_selections']} selections, peak_slots={r['peak_slots']}"
+               if r.get("prefill_compression") == "chunked" else "")
     logger.info("lava-sglang: %s %s: policy=%s prompt=%d shared=%d kept_cells=%d slots_held=%d freed=%d "
-                "packing=%.2f %.1f ms (prefill %.1f ms)%s", "compressed" if first else "re-selected", req.rid,
+                "packing=%.2f %.1f ms (prefill %.1f ms)%s%s", "compressed" if first else "re-selected", req.rid,
                 r["policy"], r["prompt_tokens"], r["shared_prefix_tokens"], r["kept_cells"], r["slots_held"],
                 r["slots_freed"], r["packing_efficiency"], r["compression_ms"], r["prefill_ms"],
-                "" if first else f" turn {r.get('turn')}, earlier kept cells dropped {r.get('earlier_kept_cells_dropped')}")
+                "" if first else f" turn {r.get('turn')}, earlier kept cells dropped {r.get('earlier_kept_cells_dropped')}",
+                chunked)
     debug_check(worker)
 
 

@@ -88,9 +88,14 @@ def should_compress(config: CompressionConfig, prefix_len: int, seq_len: int) ->
     return needs_compression(config, prefix_len, seq_len)
 
 
+# How a turn's own prompt is prefilled does not change what a conversation holds.
+_PREFILL_ONLY = ("prefill_compression",)
+
+
 def conversation_settings(config: CompressionConfig) -> tuple:
     """What a request must share with a parked conversation to continue it."""
-    return tuple(sorted((k, v) for k, v in config.to_dict().items() if k[3:] not in _SERVER_SETTINGS))
+    return tuple(sorted((k, v) for k, v in config.to_dict().items()
+                        if k[3:] not in _SERVER_SETTINGS and k[3:] not in _PREFILL_ONLY))
 
 
 def refuse_to_start(message: str) -> None:

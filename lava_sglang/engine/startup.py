@@ -31,7 +31,11 @@ def before_scheduler_init(self, server_args, *args, **kwargs):
         return None
     from sglang.srt.arg_groups.model_override_base import resolving_view
 
-    problems = unsupported_settings(resolving_view(server_args))
+    view = resolving_view(server_args)
+    problems = unsupported_settings(view)
+    chunk = getattr(view, "chunked_prefill_size", None)
+    if config.prefill_compression == "chunked" and (chunk is None or int(chunk) <= 0):
+        problems.append("--kv-prefill-compression chunked without chunked prefill (set --chunked-prefill-size)")
     if problems:
         refuse_to_start(f"lava-sglang: --kv-policy {config.policy} cannot run with: " + "; ".join(problems))
     logger.info("lava-sglang: KV compression %s", config.to_dict())

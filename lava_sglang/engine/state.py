@@ -50,6 +50,8 @@ class PendingRequest:
     # The SGLang request this state serves (``owns``): a rid is the client's label, and a
     # client may reuse it, so "the same request" is decided by identity, never by rid.
     owner: Optional[weakref.ref] = None
+    # Compression during chunked prefill (engine.chunked): most private slots held after a chunk.
+    peak_slots: int = 0
 
     @property
     def window(self) -> int:
@@ -79,6 +81,10 @@ class CompressedRequest:
     # (original cells, new cells) of the re-extended positions.
     restore: Optional[list] = None
     owner: Optional[weakref.ref] = None  # the request the state serves now (``owns``)
+    # Compression during chunked prefill (engine.chunked): the turn's selections before its
+    # prompt was complete, and the most private slots its row held after a chunk.
+    chunk_selections: int = 0
+    peak_slots: int = 0
 
     @property
     def freed_range(self) -> tuple[int, int]:

@@ -1,0 +1,55 @@
+"""Compression during chunked prefill (``--kv-prefill-compression chunked``, per request
+``kv_prefill_compression``).
+
+Under ``after`` a request is compressed once its whole prompt is prefilled, so while it is
+prefilled it holds one slot per prompt token. Under ``chunked`` every prefill chunk of
+SGLang's chunked prefill (``--chunked-prefill-size``) is treated as a turn of a conversation
+(``engine.continuation``): after the chunk, the request's private range so far (the cells kept
+so far and the chunk's new tokens) is re-selected with the chunk's last ``window`` queries as
+the window, packed and the rest freed at once, and the next chunk attends over the compressed
+layout through the same extend path as a continued turn. The first selection of a request is
+the ordinary first compression (``engine.compress``) of the range prefilled so far.
+
+Which window a chunk captures (:func:`chunk_target`), for a chunk ``[lo, hi)`` of a prompt
+ending at ``end``:
+
+* the chunk that holds part of the prompt's own last window (``hi > end - window``) captures
+  that part, and the selection after the last chunk uses the prompt's own window: the final
+  selection is as query-aware as under ``after``;
+* a chunk shorter than the window is appended without re-selection;
+* any other chunk captures its own last ``window`` queries and is re-selected after its
+  forward, when the private range exceeds the budget.
+
+So a request's private slots while it is prefilled stay within ``budget + chunk + window``
+(plus packing rounding); :func:`note_peak` measures it (``peak_slots`` in the report). The
+shared prefix (a radix hit) stays uncompressed and outside the budget, as under ``after``.
+No SGLang import.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from lava_sglang.config import CompressionConfig
+
+
+def is_chunked(config: Optional[CompressionConfig]) -> bool:
+    return config is not None and config.enabled and config.prefill_compression == "chunked"
+
+
+def chunk_target(config: CompressionConfig, lo: int, hi: int, end: int) -> Optional[int]:
+    """Where the selection that chunk ``[lo, hi)`` feeds ends: ``hi`` (re-select after this
+    chunk with its own window), ``end`` (the prompt's own window, selected after the last chunk)
+    or None (a short chunk, appended)."""
+    w = config.window
+    if hi > end - w:
+        return end
+    if hi - lo < w:
+        return None
+    return hi
+
+
+def note_peak(holder, private_slots: int) -> None:
+    """Record ``private_slots`` (slots the request's row owns past its shared prefix, measured
+    after a chunk's forward, before its re-selection frees any) as a candidate peak."""
+    holder.peak_slots = max(int(getattr(holder, "peak_slots", 0) or 0), int(private_slots))

@@ -231,13 +231,16 @@ def finish_turn(worker, req, state: CompressedRequest, chunk_hi: int, elapsed: f
     except Exception as exc:  # scoring or selection raised: the layout is as before, the request fails alone
         fail_request(req, "reselect", exc)
         return
-    if report is None:
-        attach(req, dict(state.report, turn=state.turns, continued=state.turns > 1, reselected=False))
-        return
-    if chunked:
+    if report is None:  # everything fits the budget: the layout stays as it is
+        report = dict(state.report, turn=state.turns, continued=state.turns > 1, reselected=False)
+    elif chunked:
         state.chunk_selections += 1
+    if chunked:
         report.update(prefill_compression="chunked", chunk_selections=state.chunk_selections,
                       peak_slots=state.peak_slots, continued=state.turns > 1)
+    if not report.get("reselected") and not (chunked and state.turns == 1):
+        attach(req, report)
+        return
     record(worker, req, report, first=chunked and state.turns == 1)
 
 

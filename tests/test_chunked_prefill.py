@@ -8,12 +8,10 @@ Work in progress (issue 27).
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
 
 import pytest
 
-from lava_sglang.launch import check_whole, http_json
+from lava_sglang.launch import check_whole, http_json, post_generate
 from lava_sglang.workloads import default_corpus_dir, haystack, load_corpus
 
 pytestmark = [pytest.mark.server, pytest.mark.server_configs("lava-chunked")]
@@ -96,13 +94,7 @@ TINY_POOL, TINY_CHUNK, TINY_BUDGET = 1024, 512, 256
 
 def post(server, payload):
     """(HTTP status, body text)."""
-    req = urllib.request.Request(server.url + "/generate", data=json.dumps(payload).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=900) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
+    return post_generate(server.port, payload, timeout=900)
 
 
 @pytest.mark.server_configs("lava-tiny-pool")
@@ -111,7 +103,6 @@ def test_prompt_four_times_the_pool_is_served_chunked_and_refused_otherwise(serv
     (over 4x the pool) is answered under ``chunked`` with its private slots within
     256 + 512 + 32 + 1; the same prompt under ``after`` is refused with a message naming
     ``kv_prefill_compression``, and under ``kv_policy: none`` as by stock SGLang; nothing leaks."""
-    import json
     server = servers.config("lava-tiny-pool")
     ids = ids_of(4400, 27501)
     sp = {"max_new_tokens": 8, "temperature": 0.0, "ignore_eos": True}

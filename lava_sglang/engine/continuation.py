@@ -219,17 +219,8 @@ def finish_turn(worker, req, state: CompressedRequest, chunk_hi: int, elapsed: f
         if not info or set(info[0]) == {"parked"}:  # a turn too short to re-select, or a re-admission
             attach(req, dict(state.report, turn=state.turns, continued=True, reselected=False))
         return
-    if any(q is None for q in pend.queries) or len(pend.queries) != len(state.mid_cells):
-        logger.warning("lava-sglang: request %s: window queries missing; history not re-selected", req.rid)
-        state.reselect = None
-        return
-    runner = worker.model_runner
-    try:
-        inject("reselect", req)
-        report = reselect(state, runner.req_to_token_pool.req_to_token, runner.token_to_kv_pool,
-                          runner.token_to_kv_pool_allocator, prefill_seconds=pend.prefill_seconds)
-    except Exception as exc:  # scoring or selection raised: the layout is as before, the request fails alone
-        fail_request(req, "reselect", exc)
+    ok, report = _run_reselect(worker, req, state, pend)
+    if not ok:
         return
     if report is None:  # everything fits the budget: the layout stays as it is
         report = dict(state.report, turn=state.turns, continued=state.turns > 1, reselected=False)
@@ -244,21 +235,28 @@ def finish_turn(worker, req, state: CompressedRequest, chunk_hi: int, elapsed: f
     record(worker, req, report, first=chunked and state.turns == 1)
 
 
-def _reselect_chunk(worker, req, state: CompressedRequest, pend: PendingRequest) -> None:
-    """Re-select after a prompt chunk that is not the last (``engine.chunked``): the next chunk
-    attends over the new layout. Nothing is reported until the prompt is complete."""
+def _run_reselect(worker, req, state: CompressedRequest, pend: PendingRequest) -> tuple[bool, Optional[dict]]:
+    """``reselect`` with the captured window of ``pend``; (False, None) when the window is
+    incomplete (not re-selected) or the re-selection failed (the request fails alone, the layout
+    is as before)."""
     if any(q is None for q in pend.queries) or len(pend.queries) != len(state.mid_cells):
-        logger.warning("lava-sglang: request %s: window queries of a chunk missing; not re-selected", req.rid)
+        logger.warning("lava-sglang: request %s: window queries missing; history not re-selected", req.rid)
         state.reselect = None
-        return
+        return False, None
     runner = worker.model_runner
     try:
         inject("reselect", req)
-        report = reselect(state, runner.req_to_token_pool.req_to_token, runner.token_to_kv_pool,
-                          runner.token_to_kv_pool_allocator, prefill_seconds=pend.prefill_seconds)
+        return True, reselect(state, runner.req_to_token_pool.req_to_token, runner.token_to_kv_pool,
+                              runner.token_to_kv_pool_allocator, prefill_seconds=pend.prefill_seconds)
     except Exception as exc:  # scoring or selection raised: the layout is as before, the request fails alone
         fail_request(req, "reselect", exc)
-        return
-    if report is not None:
+        return False, None
+
+
+def _reselect_chunk(worker, req, state: CompressedRequest, pend: PendingRequest) -> None:
+    """Re-select after a prompt chunk that is not the last (``engine.chunked``): the next chunk
+    attends over the new layout. Nothing is reported until the prompt is complete."""
+    ok, report = _run_reselect(worker, req, state, pend)
+    if ok and report is not None:
         state.chunk_selections += 1
         debug_check(worker)

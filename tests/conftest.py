@@ -62,9 +62,10 @@ CONFIGS = {
     # (also tests/test_safety_rows.py's case 11).
     "lava-small-pool": (("--kv-policy", "lava", "--kv-budget", "128", "--chunked-prefill-size", "256",
                          "--max-total-tokens", "1100", "--enable-metrics", "--enable-streaming-session"), DEBUG_ENV),
-    # tests/test_chunked_prefill.py: a pool four times smaller than its prompts, compressed chunk by chunk.
+    # tests/test_chunked_prefill.py: a pool four times smaller than its prompts, compressed chunk by
+    # chunk (streaming sessions on: a session turn longer than the pool).
     "lava-tiny-pool": (("--kv-policy", "lava", "--kv-budget", "256", "--max-total-tokens", "1024",
-                        "--chunked-prefill-size", "512"), DEBUG_ENV),
+                        "--chunked-prefill-size", "512", "--enable-streaming-session"), DEBUG_ENV),
     "lava-park-cap": (("--kv-policy", "lava", "--kv-budget", "128", "--chunked-prefill-size", "256",
                        "--max-total-tokens", "8192", "--kv-park-max-slots", "300"), DEBUG_ENV),
 }

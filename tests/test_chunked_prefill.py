@@ -1,17 +1,20 @@
 """Compression during chunked prefill (``kv_prefill_compression: chunked``, ``engine.chunked``) on
 the real server (CPU engine), debug invariants on: the suite's ``lava-chunked`` server (prefill in
-256-token chunks) and its ``none`` twin, the mode chosen per request.
-
-Work in progress (issue 27).
+256-token chunks) and its ``none`` twin, the mode chosen per request; and ``lava-tiny-pool`` (a
+1024-slot pool, 512-token chunks, budget 256), where prompts four times the pool are served.
+The retraction of a chunked request is tested with the other forced retractions
+(tests/test_reliability.py).
 """
 
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
-from lava_sglang.launch import check_whole, http_json, post_generate
+from lava_sglang.launch import check_whole, drop, http_json, leaked_slots, open_generate, post_generate, settled
+from lava_sglang.sglang_log import PREFILL_LINE
 from lava_sglang.workloads import default_corpus_dir, haystack, load_corpus
 
 pytestmark = [pytest.mark.server, pytest.mark.server_configs("lava-chunked")]
@@ -90,6 +93,8 @@ def test_chunked_prefill_peak_stays_within_budget_plus_chunk(servers, ids_of, po
 
 
 TINY_POOL, TINY_CHUNK, TINY_BUDGET = 1024, 512, 256
+TINY_BOUND = TINY_BUDGET + TINY_CHUNK + WINDOW + 1
+CHUNKED = {"kv_prefill_compression": "chunked"}
 
 
 def post(server, payload):
@@ -112,7 +117,11 @@ def test_prompt_four_times_the_pool_is_served_chunked_and_refused_otherwise(serv
     out = json.loads(body)
     rep = report(out)
     assert rep is not None and rep["prefill_compression"] == "chunked", out["meta_info"]
-    assert rep["peak_slots"] <= TINY_BUDGET + TINY_CHUNK + WINDOW + 1, rep
+    assert rep["peak_slots"] <= TINY_BOUND, rep
+    assert rep["chunk_selections"] >= 8, rep  # after every full chunk
+    # every selection's freed slots are summed: all private tokens but the kept ones
+    assert rep["slots_freed_total"] == rep["compressed_tokens"] - (rep["slots_held"] - rep["shared_prefix_tokens"]), rep
+    assert rep["compression_ms_total"] >= rep["compression_ms"] and rep["prefill_ms_total"] > rep["prefill_ms"], rep
     assert len(out["output_ids"]) == 8
     status, body = post(server, {"input_ids": ids, "sampling_params": sp})
     assert status == 400 and "kv_prefill_compression" in body, (status, body[:500])
@@ -120,3 +129,111 @@ def test_prompt_four_times_the_pool_is_served_chunked_and_refused_otherwise(serv
     assert status == 400 and "kv_prefill_compression" not in body, (status, body[:500])
     server.flush_cache()
     check_whole(server)
+
+
+def prefills_since(server, mark: int) -> list[str]:
+    return PREFILL_LINE.findall(server.log_text()[mark:])
+
+
+def wait_until(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def assert_whole(server):
+    m = server.wait_settled(120)
+    assert settled(m) and leaked_slots(m) == 0, m
+    check_whole(server)
+
+
+@pytest.mark.server_configs("lava-tiny-pool")
+def test_aborts_between_chunks_and_while_waiting_leak_nothing(servers, ids_of):
+    """Two ~3000-token chunked requests on the 1024-slot pool, where one fits at a time. The
+    second, still waiting, is dropped by its client; the first is dropped after its second chunk
+    (selected once, four chunks to go). Nothing leaks, and a chunked prompt is answered after."""
+    server = servers.config("lava-tiny-pool")
+    assert_whole(server)
+    mark = len(server.log_text())
+
+    def payload(ids):
+        return {"input_ids": ids, "stream": True, "sampling_params": {
+            "max_new_tokens": 8, "temperature": 0.0, "ignore_eos": True, "custom_params": CHUNKED}}
+    first = open_generate(server.port, payload(ids_of(3000, 27601)), timeout=300)
+    wait_until(lambda: len(prefills_since(server, mark)) >= 1, 120, "the first chunk")
+    second = open_generate(server.port, payload(ids_of(3000, 27602)), timeout=300)
+    wait_until(lambda: "#queue-req: 1" in server.log_text()[mark:], 120, "the second request waiting")
+    drop(second)
+    wait_until(lambda: len(prefills_since(server, mark)) >= 2, 120, "the second chunk")
+    drop(first)
+    prefills = prefills_since(server, mark)
+    assert all(int(new_seq) == 1 for new_seq, _, _ in prefills), prefills  # the waiting one never ran
+    assert len(prefills) < 6, prefills  # dropped before its last chunk
+    assert_whole(server)
+    out = json.loads(post(server, {"input_ids": ids_of(1500, 27603), "sampling_params": {
+        "max_new_tokens": 4, "temperature": 0.0, "ignore_eos": True, "custom_params": CHUNKED}})[1])
+    assert len(out["output_ids"]) == 4 and report(out)["peak_slots"] <= TINY_BOUND, out["meta_info"]
+    assert_whole(server)
+
+
+def tiny_send(server, ids, session=None, max_new_tokens=8):
+    payload = {"input_ids": ids, "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0.0,
+                                                     "ignore_eos": True, "custom_params": CHUNKED}}
+    if session is not None:
+        payload["session_params"] = {"id": session}
+    status, body = post(server, payload)
+    assert status == 200, body[:500]
+    return json.loads(body)
+
+
+def assert_continued_chunk_wise(out, longer_than_pool=True):
+    rep = report(out)
+    assert rep is not None and rep["continued"] and rep["prefill_compression"] == "chunked", out["meta_info"]
+    assert rep["chunk_selections"] >= 4 and rep["peak_slots"] <= TINY_BOUND, rep
+    if longer_than_pool:
+        assert out["meta_info"]["prompt_tokens"] > TINY_POOL, out["meta_info"]
+    assert len(out["output_ids"]) == 8
+
+
+@pytest.mark.server_configs("lava-tiny-pool")
+def test_session_turn_longer_than_the_pool_continues_chunk_wise(servers, ids_of):
+    """A streaming session on the 1024-slot pool: turn 1 (600 tokens) is compressed to the
+    budget; turn 2 brings 2500 new tokens (a history over twice the pool) and continues over the
+    compressed history chunk by chunk, within the bound; turn 3 continues after it."""
+    server = servers.config("lava-tiny-pool")
+    ids = ids_of(3400, 27604)
+    sid = server.open_session()
+    try:
+        t1 = tiny_send(server, ids[:600], session=sid)
+        assert report(t1)["slots_held"] <= TINY_BUDGET + 1, t1["meta_info"]
+        t2 = tiny_send(server, ids[600:3100], session=sid)
+        assert_continued_chunk_wise(t2)
+        assert t2["meta_info"]["cached_tokens"] >= 600, t2["meta_info"]
+        t3 = tiny_send(server, ids[3100:3400], session=sid)
+        assert report(t3)["continued"] and len(t3["output_ids"]) == 8, t3["meta_info"]
+    finally:
+        server.close_session(sid)
+    assert_whole(server)
+
+
+@pytest.mark.server_configs("lava-tiny-pool")
+def test_parked_conversation_continues_chunk_wise(servers, ids_of):
+    """A client resending its whole history: turn 1 (600 tokens) is compressed and parked; turn 2
+    (the history and 2500 new tokens, over twice the pool) borrows the parked conversation and
+    continues over it chunk by chunk, within the bound."""
+    server = servers.config("lava-tiny-pool")
+    server.flush_cache()
+    ids = ids_of(3100, 27605)
+    t1 = tiny_send(server, ids[:600])
+    before = server.kv_memory()
+    t2 = tiny_send(server, ids[:600] + t1["output_ids"] + ids[600:3100])
+    after = server.kv_memory()
+    assert after["park_hits"] == before["park_hits"] + 1, (before, after)
+    assert t2["meta_info"]["cached_tokens"] >= 600, t2["meta_info"]
+    assert_continued_chunk_wise(t2)
+    server.flush_cache()
+    assert_whole(server)

@@ -269,3 +269,27 @@ def test_forced_retractions_replay_exactly(servers, tokenizer, corpus):
     assert_no_leak(server)
     log = server.log_text()
     assert "Testing retraction" in log and "Traceback" not in log and "lava-sglang debug" not in log
+
+
+@pytest.mark.server_configs("retract")
+def test_forced_retraction_of_a_chunked_request(servers, tokenizer, corpus):
+    """Requests compressed chunk by chunk (``kv_prefill_compression: chunked``, ~1000-token prompts in
+    256-token chunks, budget 64) retracted by SGLang's test switch: each chunk's keys were computed
+    over the compressed history of the chunks before it, so no selection is replayed; the
+    re-prefill is compressed chunk by chunk again, the log says so, every request ends with the
+    output it asked for, and nothing leaks."""
+    server = servers.config("retract")
+    mark = len(server.log_text())
+    new = 24
+    prompts = [prompt_ids(tokenizer, corpus, 1000, seed=7300 + i) for i in range(2)]
+    results = run_concurrently(server, prompts, new, budget=64, prefill_compression="chunked")
+    retractions = [r["meta_info"].get("num_retractions", 0) for r in results]
+    assert sum(retractions) >= 1, retractions
+    for r in results:
+        rep = r["meta_info"]["kv_compression"][0]
+        assert len(r["output_ids"]) == new and rep["prefill_compression"] == "chunked", r["meta_info"]
+        assert not rep.get("replayed_after_retraction"), rep
+    log = server.log_text()[mark:]
+    assert "(compressed chunk by chunk) retracted; it is prefilled and compressed again" in log
+    assert "Traceback" not in log and "lava-sglang debug" not in log
+    assert_no_leak(server)

@@ -49,6 +49,31 @@ def chunk_target(config: CompressionConfig, lo: int, hi: int, end: int) -> Optio
     return hi
 
 
+def begin_tally(state, peak_slots: int = 0, prefill_seconds: float = 0.0) -> None:
+    """A turn compressed chunk by chunk starts its tally on ``state`` (a ``CompressedRequest``)."""
+    state.chunk_selections, state.peak_slots = 0, peak_slots
+    state.chunk_compression_s, state.chunk_prefill_s, state.chunk_freed = 0.0, prefill_seconds, 0
+    state.chunk_mid_prompt = False
+
+
+def tally_selection(state, report: dict, mid_prompt: bool = False) -> None:
+    """One selection of the turn (after a chunk, ``mid_prompt``, or the last): its time and
+    freed slots."""
+    state.chunk_mid_prompt = state.chunk_mid_prompt or mid_prompt
+    state.chunk_selections += 1
+    state.chunk_compression_s += report["compression_ms"] / 1000
+    state.chunk_freed += report["slots_freed"]
+
+
+def chunk_report(state) -> dict:
+    """What a turn compressed chunk by chunk adds to its report: every selection's cost and
+    freed slots summed (``compression_ms`` and ``slots_freed`` are its last selection's), the
+    prefill time of all its chunks and the peak."""
+    return {"prefill_compression": "chunked", "chunk_selections": state.chunk_selections,
+            "peak_slots": state.peak_slots, "compression_ms_total": round(state.chunk_compression_s * 1000, 2),
+            "prefill_ms_total": round(state.chunk_prefill_s * 1000, 2), "slots_freed_total": state.chunk_freed}
+
+
 def note_peak(holder, private_slots: int) -> None:
     """Record ``private_slots`` (slots the request's row owns past its shared prefix, measured
     after a chunk's forward, before its re-selection frees any) as a candidate peak."""

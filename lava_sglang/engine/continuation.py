@@ -36,10 +36,10 @@ import torch
 
 from lava_sglang.engine.accounting import debug_check
 from lava_sglang.engine.cells import pool_cells
-from lava_sglang.engine.chunked import chunk_target, is_chunked, note_peak
+from lava_sglang.engine.chunked import begin_tally, chunk_report, chunk_target, is_chunked, note_peak, tally_selection
 from lava_sglang.engine.compress import Candidates, make_report, select_and_pack
 from lava_sglang.engine.failures import fail_request, inject
-from lava_sglang.engine.report import attach, record
+from lava_sglang.engine.report import META_KEY, attach, count_selection, record
 from lava_sglang.engine.settings import request_config, should_compress
 from lava_sglang.engine.state import REGISTRY, CompressedRequest, PendingRequest, owner_ref, owns
 from lava_sglang.policies import get_policy
@@ -178,7 +178,7 @@ def continued_state(req, chunk_lo: int, chunk_hi: int, req_to_token, space) -> O
             REGISTRY.drop(row)
             return None
         begin_turn(state, req, request_config(req), turn_end, chunk_lo)
-        state.chunk_selections, state.peak_slots = 0, 0
+        begin_tally(state)
     if chunk_lo < state.prompt_len:
         rewind(state, chunk_lo, req_to_token, space)
     config = request_config(req)
@@ -202,37 +202,43 @@ def _aim_chunk(state: CompressedRequest, req, config, chunk_lo: int, chunk_hi: i
 
 def finish_turn(worker, req, state: CompressedRequest, chunk_hi: int, elapsed: float) -> None:
     """After a forward of a turn that continues over ``state``: once its prompt is complete,
-    re-select the history and report the turn."""
+    re-select the history and report the turn (under chunked prefill compression, re-select
+    after the chunks that ``engine.chunked`` aims at as well)."""
     pend = state.reselect
     if pend is not None:
         pend.prefill_seconds += elapsed
-    chunked = is_chunked(request_config(req))
-    if chunked and chunk_hi <= len(req.full_untruncated_fill_ids):
+    end = len(req.full_untruncated_fill_ids)
+    chunked = is_chunked(request_config(req)) and chunk_hi <= end
+    if chunked:
+        state.chunk_prefill_s += elapsed
         note_peak(state, state.kept_slots + chunk_hi - state.prompt_len)
-    if chunk_hi < len(req.full_untruncated_fill_ids):
+    if chunk_hi < end:
         if chunked and pend is not None and pend.prompt_len == chunk_hi:
             _reselect_chunk(worker, req, state, pend)
         return  # more chunks to come
-    if pend is None or pend.prompt_len != chunk_hi:
+    first = chunked and state.turns == 1  # a first turn compressed chunk by chunk reports once, here
+    report = None
+    if pend is None or pend.prompt_len != chunk_hi:  # a turn too short to re-select, or a re-admission
         state.reselect = None
-        info = (req.customized_info or {}).get("kv_compression")
-        if not info or set(info[0]) == {"parked"}:  # a turn too short to re-select, or a re-admission
-            attach(req, dict(state.report, turn=state.turns, continued=True, reselected=False))
-        return
-    ok, report = _run_reselect(worker, req, state, pend)
-    if not ok:
-        return
+        info = (req.customized_info or {}).get(META_KEY)
+        if info and set(info[0]) != {"parked"} and not first:
+            return
+    else:
+        ok, report = _run_reselect(worker, req, state, pend)
+        if not ok:
+            return
     if report is None:  # everything fits the budget: the layout stays as it is
         report = dict(state.report, turn=state.turns, continued=state.turns > 1, reselected=False)
+        if chunked:  # its selections are in the tally already
+            report.update(compression_ms=0.0, slots_freed=0)
     elif chunked:
-        state.chunk_selections += 1
+        tally_selection(state, report)
     if chunked:
-        report.update(prefill_compression="chunked", chunk_selections=state.chunk_selections,
-                      peak_slots=state.peak_slots, continued=state.turns > 1)
-    if not report.get("reselected") and not (chunked and state.turns == 1):
+        report.update(chunk_report(state), continued=state.turns > 1)
+    if first or report.get("reselected"):
+        record(worker, req, report, first=first)
+    else:
         attach(req, report)
-        return
-    record(worker, req, report, first=chunked and state.turns == 1)
 
 
 def _run_reselect(worker, req, state: CompressedRequest, pend: PendingRequest) -> tuple[bool, Optional[dict]]:
@@ -258,5 +264,6 @@ def _reselect_chunk(worker, req, state: CompressedRequest, pend: PendingRequest)
     attends over the new layout. Nothing is reported until the prompt is complete."""
     ok, report = _run_reselect(worker, req, state, pend)
     if ok and report is not None:
-        state.chunk_selections += 1
+        tally_selection(state, report, mid_prompt=True)
+        count_selection(report)
         debug_check(worker)

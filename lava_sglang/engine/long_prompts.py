@@ -106,16 +106,26 @@ def around_init_req_max_new_tokens(original, self, req, *args, **kwargs):
         req.sampling_params.min_new_tokens = req.sampling_params.max_new_tokens
 
 
+def _held(req) -> int:
+    """Private slots the request's row holds already: a session's or a parked conversation's
+    compressed history that this turn continues (they are allocated, not admitted again)."""
+    row = req.kv.req_pool_idx
+    state = REGISTRY.compressed.get(int(row)) if row is not None else None
+    return state.kept_slots if state is not None and state.kv is req.kv else 0
+
+
 def around_check_prefill_budget(original, self, req, *args, total_tokens=None, extend_input_len=None, **kwargs):
     """Admission of a chunked request on what one chunk needs: its extend and total tokens are
-    capped at the chunk, the budget, the window and its output reserve."""
+    capped at the chunk, the budget, the window and its output reserve, less what its row holds
+    already."""
     lifted = _lifted(req)
     if lifted is not None and total_tokens is not None and extend_input_len is not None:
         config, scheduler = lifted
         chunk = _chunk(scheduler)
         if extend_input_len > chunk:
             reserve = max(0, total_tokens - extend_input_len)  # output reserve and SGLang's overheads
-            total_tokens = min(total_tokens, resident_slots(config, chunk) + reserve)
+            need = max(chunk, resident_slots(config, chunk) - _held(req))
+            total_tokens = min(total_tokens, need + reserve)
     return original(self, req, *args, total_tokens=total_tokens, extend_input_len=extend_input_len, **kwargs)
 
 

@@ -14,13 +14,13 @@ import logging
 from typing import Optional
 
 from lava_sglang.engine.accounting import debug_check
-from lava_sglang.engine.chunked import chunk_target, is_chunked, note_peak
+from lava_sglang.engine.chunked import begin_tally, chunk_report, chunk_target, is_chunked, note_peak, tally_selection
 from lava_sglang.engine.compress import compress_request
 from lava_sglang.engine.continuation import continued_state, finish_turn
 from lava_sglang.engine.failures import fail_request, inject
 from lava_sglang.engine.layout import LayoutEntry, LayoutPlan, state_mid, uncompressed_entry
 from lava_sglang.engine.replay import ReplayChunk
-from lava_sglang.engine.report import record
+from lava_sglang.engine.report import count_selection, record
 from lava_sglang.engine.settings import request_config, should_compress
 from lava_sglang.engine.state import REGISTRY, PendingRequest, owner_ref, owns
 from lava_sglang.engine.steps import ExtendStep
@@ -213,10 +213,11 @@ def finish_extend(worker, batch, elapsed: float) -> None:
         state.report["turn"] = 1
         REGISTRY.compressed[state.row] = state
         if is_chunked(pending.config):
-            state.peak_slots = pending.peak_slots
-            state.chunk_selections = 1
-            state.report.update(prefill_compression="chunked", chunk_selections=1, peak_slots=state.peak_slots)
+            begin_tally(state, pending.peak_slots, pending.prefill_seconds)
+            tally_selection(state, state.report, mid_prompt=chunk_hi < len(req.origin_input_ids))
+            state.report.update(chunk_report(state))
             if chunk_hi < len(req.origin_input_ids):
+                count_selection(state.report)
                 debug_check(worker)
                 continue  # a chunk of the prompt: the rest continues over the layout (engine.chunked)
         if pending.replay is not None:

@@ -71,7 +71,7 @@ def around_release_kv_cache(original, req, tree_cache, *args, **kwargs):
     row, rid = req.kv.req_pool_idx, req.rid
     state = REGISTRY.compressed_for(row)
     if state is not None and owns(state, req) and _is_retraction(req):
-        if state.chunk_selections > 1:
+        if state.chunk_mid_prompt:
             # Selected chunk by chunk: each chunk's keys were computed over the compressed history
             # of the chunks before it, which a re-prefill does not reproduce (engine.chunked): it is
             # compressed afresh, chunk by chunk, and no selection is replayed.

@@ -36,20 +36,28 @@ def attach(req, report: dict) -> None:
     req.customized_info[META_KEY] = [dict(report, **note)]
 
 
+def count_selection(report: dict) -> None:
+    """The slots one selection freed and its time, in the totals at once (a selection after a
+    prompt chunk, ``engine.chunked``, is reported with its request's last), and the scheduler
+    nudged to admit into them."""
+    memory_freed()
+    REGISTRY.totals["freed_slots"] += report["slots_freed"]
+    REGISTRY.totals["compression_seconds"] += report["compression_ms"] / 1000
+
+
 def record(worker, req, report: dict, first: bool) -> None:
     """Everything one compression (``first``) or re-selection of a continued turn reports."""
-    memory_freed()
+    count_selection(report)
     totals = REGISTRY.totals
     if first:
         totals["compressed_requests"] += 1
         totals["kept_cells"] += report["kept_cells"]
-    totals["freed_slots"] += report["slots_freed"]
-    totals["compression_seconds"] += report["compression_ms"] / 1000
     metrics.record(report)
     attach(req, report)
     r = report
-    chunked = (f" chunked: {r['chunk_selections']} selections, peak_slots={r['peak_slots']}"
-               if r.get("prefill_compression") == "chunked" else "")
+    chunked = (f" chunked: {r['chunk_selections']} selections, peak_slots={r['peak_slots']}, "
+               f"{r['compression_ms_total']:.1f} ms in all (prefill {r['prefill_ms_total']:.1f} ms), "
+               f"freed {r['slots_freed_total']} in all" if r.get("prefill_compression") == "chunked" else "")
     logger.info("lava-sglang: %s %s: policy=%s prompt=%d shared=%d kept_cells=%d slots_held=%d freed=%d "
                 "packing=%.2f %.1f ms (prefill %.1f ms)%s%s", "compressed" if first else "re-selected", req.rid,
                 r["policy"], r["prompt_tokens"], r["shared_prefix_tokens"], r["kept_cells"], r["slots_held"],

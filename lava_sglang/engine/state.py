@@ -81,10 +81,15 @@ class CompressedRequest:
     # (original cells, new cells) of the re-extended positions.
     restore: Optional[list] = None
     owner: Optional[weakref.ref] = None  # the request the state serves now (``owns``)
-    # Compression during chunked prefill (engine.chunked): the turn's selections before its
-    # prompt was complete, and the most private slots its row held after a chunk.
+    # Compression during chunked prefill (engine.chunked): the running turn's tally (selections,
+    # the most private slots its row held after a chunk, seconds of selection and of prefill,
+    # slots freed).
     chunk_selections: int = 0
     peak_slots: int = 0
+    chunk_compression_s: float = 0.0
+    chunk_prefill_s: float = 0.0
+    chunk_freed: int = 0
+    chunk_mid_prompt: bool = False  # a selection before the prompt was complete
 
     @property
     def freed_range(self) -> tuple[int, int]:

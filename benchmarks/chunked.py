@@ -129,7 +129,7 @@ def main(argv=None) -> int:
         status, out = request(server, target_ids, "chunked")
         assert status == 200, out
         rep = report(out)
-        data["target"]["chunked"] = {"status": status, "answer": out["text"].strip()[:40],
+        data["target"]["chunked"] = {"status": status, "answer": (out["text"].strip().splitlines() or [""])[0][:40],
                                      "right": task.answer in out["text"], "wall_s": out["client_s"], "report": rep}
         status, body = request(server, target_ids, "after")
         data["target"]["after"] = {"status": status, "message": body if status != 200 else None}

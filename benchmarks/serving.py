@@ -1,8 +1,11 @@
 """Serving under memory pressure: the same workload against one server per configuration.
 
     python benchmarks/serving.py [--requests 32] [--prompt-tokens 3000] [--output-tokens 128]
-        [--max-total-tokens 12800] [--concurrency 32] [--rate inf] [--configs none lava:128]
-        [--corpus DIR] [--quick]
+        [--max-total-tokens 12800] [--concurrency 32] [--rate inf] [--configs none lava:128 lava:256:chunked]
+        [--chunked-prefill-size N] [--no-micro] [--corpus DIR] [--quick]
+
+A configuration is ``none``, ``policy:budget``, or ``policy:budget:chunked`` (compressed during
+chunked prefill; every server then gets the same ``--chunked-prefill-size``).
 
 Every configuration gets a fresh server with the same model, flags and KV pool
 (``--max-total-tokens``) and replays the same requests (same prompts, ``ignore_eos`` outputs of
@@ -37,10 +40,13 @@ OUT = Path(__file__).resolve().parent / "results" / "serving"
 
 
 def parse_config(text: str) -> tuple[str, list[str]]:
+    """``none``, ``policy:budget`` or ``policy:budget:chunked`` (compression during chunked
+    prefill, ``--kv-prefill-compression chunked``)."""
     if text == "none":
         return "none", ["--kv-policy", "none"]
-    policy, _, budget = text.partition(":")
-    return text, ["--kv-policy", policy, "--kv-budget", budget or "128"]
+    policy, budget, mode = (text.split(":") + ["", ""])[:3]
+    flags = ["--kv-policy", policy, "--kv-budget", budget or "128"]
+    return text, flags + (["--kv-prefill-compression", mode] if mode else [])
 
 
 def pct(values, q):
@@ -114,7 +120,11 @@ def run_workload(server: Server, prompts: list[list[int]], args) -> dict:
         "peak_running_requests": peak_running(decode),
         "peak_kv_usage": peak_usage(decode, default=0.0),
         "retractions": sum(r["num_retractions"] for r in results),
-        "compression_share_of_prefill": (statistics.median(r["compression_ms"] / r["prefill_ms"] for r in reports) if reports else None),
+        # every selection over every chunk's forward (chunked), or the one selection over the prefill
+        "compression_share_of_prefill": (statistics.median(r.get("compression_ms_total", r["compression_ms"])
+                                                           / r.get("prefill_ms_total", r["prefill_ms"]) for r in reports)
+                                         if reports else None),
+        "peak_slots_max": max((r.get("peak_slots") or 0 for r in reports), default=None),
         "ttfts": [r["ttft"] for r in results],
         "itls": [x for r in results for x in r["itl"]],
     }
@@ -140,7 +150,8 @@ def plot(results: dict, pool_tokens: int, plt, path: Path) -> None:
     for name, r in results.items():
         if name != "none":
             policy, _, budget = name.partition(":")
-            by_policy.setdefault(policy, []).append((int(budget or 128), r))
+            budget, _, mode = budget.partition(":")
+            by_policy.setdefault(policy + (f" ({mode})" if mode else ""), []).append((int(budget or 128), r))
     for i, (key, title) in enumerate([("output_throughput", "output tokens/s"),
                                       ("peak_running_requests", f"peak running requests (pool {pool_tokens} tokens)")]):
         for policy, points in sorted(by_policy.items()):
@@ -188,7 +199,8 @@ def write_report(results: dict, args, command: str, corpus_dir) -> None:
                                                        "corpus": str(corpus_dir), "results": results, "ratios_to_none": ratios}, indent=1))
     keys = ["wall_s", "request_throughput", "output_throughput", "decode_phase_throughput", "mean_decode_batch", "decode_seconds",
             "first_to_last_token_throughput", "ttft_p50", "ttft_p99", "itl_p50", "itl_p99",
-            "peak_running_requests", "peak_kv_usage", "retractions", "compression_share_of_prefill", "decode_step_s"]
+            "peak_running_requests", "peak_kv_usage", "retractions", "compression_share_of_prefill", "peak_slots_max",
+            "decode_step_s"]
     lines = [f"Command: `{command}`", "", "| metric | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
     for k in keys:
         cells = []
@@ -232,6 +244,8 @@ def main(argv=None) -> int:
     p.add_argument("--micro-prompt-tokens", type=int, default=2000)
     p.add_argument("--compression-lengths", type=int, nargs="+", default=[1000, 2000, 3000, 4000])
     p.add_argument("--compression-repeats", type=int, default=3, help="prompts per length (median reported)")
+    p.add_argument("--chunked-prefill-size", type=int, default=None, help="every server's (default: SGLang's)")
+    p.add_argument("--no-micro", action="store_true", help="skip the decode-step and compression-time measurements")
     p.add_argument("--corpus", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true",
@@ -271,11 +285,13 @@ def main(argv=None) -> int:
         # KV usage are exact; --sleep-on-idle: an idle CPU scheduler would busy-poll a core.
         flags = flags + ["--max-total-tokens", str(args.max_total_tokens), "--decode-log-interval", "1",
                          "--log-level", "info", "--sleep-on-idle"]
+        if getattr(args, "chunked_prefill_size", None):
+            flags += ["--chunked-prefill-size", str(args.chunked_prefill_size)]
         print(f"[serving] {name}: starting server {' '.join(flags)}", flush=True)
         with Server(model, flags) as server:
             r = run_workload(server, prompts, args)
-            r["decode_step_s"] = decode_step_time(server, micro, args.micro_batch)
-            if name != "none":
+            r["decode_step_s"] = None if args.no_micro else decode_step_time(server, micro, args.micro_batch)
+            if name != "none" and not args.no_micro:
                 comp = {}
                 for n, prompts_n in lengths.items():
                     reps = []

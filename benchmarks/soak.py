@@ -8,7 +8,9 @@ retract), then runs ``--concurrency`` client threads for ``--seconds``. Each req
 
 * a prompt length class: short, around the budget, long, over the chunk size; sometimes on top
   of a shared prefix primed once with ``max_new_tokens=0`` (the frontend's ``cache_prefix``);
-* a policy (every policy, ``none`` included) and a budget through ``custom_params``;
+* a policy (every policy, ``none`` included) and a budget through ``custom_params``, and for
+  ``--chunked-share`` of the compressed ones ``kv_prefill_compression: chunked``, a quarter of
+  those with a prompt longer than the pool (``kind_beyond_pool``: served only chunk by chunk);
 * streaming or not, ``ignore_eos`` or not, whether the client disconnects mid-way, and now and
   then prompt logprobs (``return_logprob`` from ``logprob_start_len`` 0 or half the prompt);
 * now and then a malformed request that must be an HTTP 400 naming what is wrong
@@ -79,6 +81,10 @@ def parse_args(argv=None):
     p.add_argument("--budget", type=int, default=128, help="server --kv-budget (requests choose their own too)")
     p.add_argument("--long", type=int, default=700, help="longest prompt, tokens")
     p.add_argument("--max-new", type=int, default=48, help="largest max_new_tokens of a request")
+    p.add_argument("--chunked-share", type=float, default=0.25,
+                   help="share of compressed requests with kv_prefill_compression chunked; a quarter of those get a "
+                        "prompt longer than the pool")
+    p.add_argument("--context", type=int, default=8192, help="the model's context length (caps those prompts)")
     p.add_argument("--policy", default="lava", help="server --kv-policy")
     p.add_argument("--max-running", type=int, default=0,
                    help="server --max-running-requests (0: SGLang's default); small with a large --pool: rows run "

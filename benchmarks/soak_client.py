@@ -98,7 +98,17 @@ class Soak:
         custom = {"kv_policy": rng.choice(POLICIES)}
         if custom["kv_policy"] != "none" and rng.random() < 0.8:
             custom["kv_budget"] = rng.choice([48, 64, 96, 128, 256])
+        if custom["kv_policy"] != "none" and rng.random() < self.args.chunked_share:
+            custom["kv_prefill_compression"] = "chunked"  # compressed during chunked prefill
         return custom
+
+    def beyond_pool(self, rng, custom) -> list[int] | None:
+        """A prompt longer than the pool, for a share of the chunked requests (served only because
+        they are compressed chunk by chunk); None otherwise."""
+        a = self.args
+        if (custom or {}).get("kv_prefill_compression") != "chunked" or rng.random() >= 0.25:
+            return None
+        return self.slice(rng, rng.randint(a.pool + 1, min(2 * a.pool, a.context - 200)))
 
     def run_one(self, rng):
         r = rng.random()
@@ -116,6 +126,11 @@ class Soak:
         s = self.stats
         kind, ids = self.prompt(rng)
         custom = self.random_custom(rng)
+        longer = self.beyond_pool(rng, custom)
+        if longer is not None:
+            kind, ids = "beyond_pool", longer
+        if (custom or {}).get("kv_prefill_compression"):
+            self.stats.add("chunked")
         sp = self.sampling(rng, custom)
         stream = rng.random() < 0.5
         abort = rng.random() < 0.12
@@ -215,7 +230,9 @@ class Soak:
         policy = rng.choice([p for p in POLICIES if p != "none"])
         sp = {"max_new_tokens": rng.randint(4, self.args.max_new), "temperature": 0.0, "ignore_eos": True}
         outs = []
-        for custom in ({"kv_policy": policy, "kv_budget": self.args.pool * 4}, {"kv_policy": "none"}):
+        mode = rng.choice(["after", "chunked"])  # chunked: never selected, as after
+        for custom in ({"kv_policy": policy, "kv_budget": self.args.pool * 4, "kv_prefill_compression": mode},
+                       {"kv_policy": "none"}):
             out = self.generate({"input_ids": ids, "sampling_params": {**sp, "custom_params": custom}}, f"exact {custom}")
             self.check_complete(out, sp, f"exact {custom}")
             outs.append(out)

@@ -271,9 +271,9 @@ def test_quick_run_writes_results(tmp_path, model_path):
     cfg = result["config"]
     assert cfg["policies"] == ["none", "lava"] and cfg["budgets"] == [64] and cfg["samples"] == 1
     assert {"passkey", "fidelity"} <= set(cfg["tasks"])  # a scored task and the fidelity task
-    assert cfg["protocols"] == ["query-aware", "query-agnostic"]
+    assert cfg["protocols"] == ["query-aware", "query-agnostic", "chunked"]
     assert result["command"].startswith("python benchmarks/quality.py")
-    for key in ("none", "lava@64", "none query-agnostic", "lava@64 query-agnostic", "snapkv-avg@64",
+    for key in ("none", "lava@64", "none query-agnostic", "lava@64 query-agnostic", "lava@64 chunked", "snapkv-avg@64",
                 "kvpress-snapkv@64", "hf-none"):
         run = result["runs"][key]
         summary = run["summary"][str(cfg["lengths"][0])]
@@ -294,12 +294,20 @@ def test_quick_run_writes_results(tmp_path, model_path):
         assert r["slots_held"] == r["kv_compression"]["slots_held"] < r["context_tokens"]
         assert r["cached_tokens"] == r["context_tokens"] and r["question_turn_prompt_tokens"] == r["prompt_tokens"]
         assert r["kv_compression_question"]["continued"] and not r["kv_compression_question"]["reselected"]
+    # --prefill-compression chunked (both, under --quick): 300-token prompts in 256-token chunks,
+    # selected after the first chunk and again at the end
+    for r in result["runs"]["lava@64 chunked"]["records"]:
+        rep = r["kv_compression"]
+        selections = 2 if rep["prompt_tokens"] - 32 >= 256 else 1  # the first chunk holds none of the last window
+        assert rep["prefill_compression"] == "chunked" and rep["chunk_selections"] == selections, rep
+        assert rep["peak_slots"] <= 64 + 256 + 32 + 1, rep
+    assert "none chunked" not in result["runs"]
     for r in result["runs"]["none query-agnostic"]["records"]:
         assert r["kv_compression"] is None and r["cached_tokens"] == r["context_tokens"]
     assert result["reference"]["rows"]
     md = (tmp_path / "quality.md").read_text()
     assert "| passkey | lava |" in md and "query-aware" in md and "kvpress" in md
-    assert "| lava | query-agnostic |" in md
+    assert "| lava | query-agnostic |" in md and "| lava | chunked |" in md
     for png in ("quality.png", "quality_tasks.png"):
         data = (tmp_path / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000

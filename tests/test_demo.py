@@ -1,7 +1,8 @@
 """The README's main job (``python -m lava_sglang.demo``) against the real CPU server, sized down.
 
 No accuracy threshold (the default model is tiny): the report must have every row, the slots
-held must fall with the budget, and compression must let more of the burst run at once.
+held must fall with the budget, compression must let more of the burst run at once, and the prompt
+longer than the pool must be refused but under compression during chunked prefill.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ BUDGETS = (256, 128, 64)
 
 def test_demo_prints_every_row_and_slots_fall_with_the_budget(tmp_path):
     cmd = [sys.executable, "-m", "lava_sglang.demo", "--budgets", *map(str, BUDGETS), "--tokens", "1000",
-           "--burst", "4", "--burst-tokens", "600", "--pool-requests", "2", "--out", str(tmp_path)]
+           "--burst", "4", "--burst-tokens", "600", "--pool-requests", "2", "--long-tokens", "4000", "--chunk", "512",
+           "--out", str(tmp_path)]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1500)
     out = proc.stdout
     print(out[-6000:])
@@ -49,6 +51,15 @@ def test_demo_prints_every_row_and_slots_fall_with_the_budget(tmp_path):
     held = [rows[b]["slots_held"] for b in sorted(BUDGETS, reverse=True)]
     assert full["slots_held"] > held[0]
     assert all(a > b for a, b in zip(held, held[1:])), held
+
+    # the prompt longer than the pool (~3x): refused with the full cache and after prefill (naming
+    # kv_prefill_compression), answered chunk by chunk within budget + chunk + window + 1
+    assert "A prompt longer than the pool" in out
+    none_long, after_long, chunked_long = data["long"]
+    assert none_long["status"] == after_long["status"] == 400, data["long"]
+    assert "kv_prefill_compression" in after_long["refusal"] and "kv_prefill_compression" not in none_long["refusal"]
+    assert chunked_long["status"] == 200 and chunked_long["prompt_tokens"] > 2.5 * data["pool_tokens"], chunked_long
+    assert chunked_long["peak_slots"] <= chunked_long["bound"] == 256 + 512 + 32 + 1, chunked_long
 
     none, lava = data["burst"]["full cache"], data["burst"]["LAVa, budget 128"]
     assert none["requests"] == lava["requests"] == 4

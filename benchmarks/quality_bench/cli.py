@@ -44,6 +44,13 @@ Protocols (``--protocol``, default ``query-aware``; ``both`` runs the two on the
   re-selects the history only when the question brings at least a window of tokens (none of
   these tasks' questions do). The session is closed after every sample.
 
+Compression during chunked prefill (``--prefill-compression chunked``, or ``both`` beside the
+query-aware runs; ``--quick`` runs both): the whole prompt in one request with
+``kv_prefill_compression: chunked`` on servers with ``--chunked-prefill-size --chunk``. After
+every prefill chunk the range so far is re-selected with the chunk's last tokens as the window;
+only the last selection sees the question. Run keys ``<policy>@<budget> chunked``; ``none`` is
+not run again (nothing to chunk).
+
 Run keys: ``none`` and ``<policy>@<budget>`` are query-aware (so are the runs of files written
 before the protocol existed, which have no ``protocol`` field); query-agnostic runs are
 ``<key> query-agnostic``. Fidelity is always measured against the query-aware ``none`` run when
@@ -62,7 +69,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.quality_bench.metrics import PROTOCOLS
+from benchmarks.quality_bench.metrics import CHUNKED, PROTOCOLS
 from benchmarks.quality_bench.plots import write_plots
 from benchmarks.quality_bench.report import FULL_RESULT, hf_reference_section, read_full_result, write_markdown, write_result
 from benchmarks.quality_bench.runner import QualityRun
@@ -101,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "appended to the compressed context and never compressed, as in kvpress) or reselect (the "
                          "same kv_* settings as the context turn: a question of at least a window's tokens re-selects "
                          "the history with itself as the window, the plugin's multi-turn semantics)")
+    ap.add_argument("--prefill-compression", default="after", choices=["after", "chunked", "both"],
+                    help="after: compress after prefill (the query-aware protocol); chunked: compress during chunked "
+                         "prefill instead (run key suffix ' chunked'); both: the two side by side")
+    ap.add_argument("--chunk", type=int, default=256,
+                    help="--chunked-prefill-size of the servers when chunked runs (unless --server-args sets it)")
     ap.add_argument("--max-total-tokens", type=int, default=24576)
     ap.add_argument("--server-args", default="", help="extra sglang.launch_server flags (one string)")
     ap.add_argument("--kvpress", nargs="*", default=None, choices=["snapkv", "adakv"],
@@ -146,6 +158,8 @@ def resolve(ap: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.N
             args.kvpress = ["snapkv"]
         if args.protocol == ap.get_default("protocol"):
             args.protocol = "both"
+        if args.prefill_compression == ap.get_default("prefill_compression"):
+            args.prefill_compression = "both"
         args.per_request = True  # two server starts (none, and one compressing server)
     if args.kvpress is not None and len(args.kvpress) == 0:
         args.kvpress = ["snapkv", "adakv"]
@@ -194,6 +208,8 @@ def _main(argv=None) -> int:
     ap = build_parser()
     args = resolve(ap, ap.parse_args(argv))
     protocols = list(PROTOCOLS) if args.protocol == "both" else [args.protocol]
+    if args.prefill_compression != "after":  # chunked: the whole prompt, compressed chunk by chunk
+        protocols = [p for p in protocols if args.prefill_compression == "both" or p != "query-aware"] + [CHUNKED]
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.replot:

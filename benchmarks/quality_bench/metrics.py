@@ -19,6 +19,10 @@ WINDOW = CompressionConfig().window  # the plugin's default observation window
 TOP_LOGPROBS = 20
 PROTOCOLS = ("query-aware", "query-agnostic")
 AGNOSTIC = "query-agnostic"
+# The whole prompt in one request, compressed during chunked prefill (``--prefill-compression``):
+# query-aware at the last chunk only, earlier chunks selected with their own last tokens.
+CHUNKED = "chunked"
+ORDER = PROTOCOLS + (CHUNKED,)
 
 
 def small_window(budget: int) -> int:

@@ -214,6 +214,9 @@ def write_markdown(result: dict, path: Path) -> None:
                      "the question turn has `kv_policy` none: the question is appended and never compressed, as in "
                      "kvpress") + "; `fidelity` has no question: its last token is turn 2, so even the first "
                   "continuation step reads the compressed cache)",
+        "chunked": ("`chunked`: the whole prompt in one request, compressed during chunked prefill "
+                    "(`kv_prefill_compression: chunked`): after every prefill chunk the range so far is re-selected "
+                    "with that chunk's last tokens as the window, so only the last selection sees the question"),
     }
     lines = [f"# Quality benchmark ({' and '.join(protocols)})", "",
              f"Command: `{result['command']}`", "",

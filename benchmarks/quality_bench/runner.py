@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from benchmarks.quality_bench.client import RemoteServer, run_hf_reference, run_server_samples
-from benchmarks.quality_bench.metrics import (AGNOSTIC, PROTOCOLS, TOP_LOGPROBS, WINDOW, add_fidelity, reference_samples,
+from benchmarks.quality_bench.metrics import (AGNOSTIC, CHUNKED, ORDER, TOP_LOGPROBS, WINDOW, add_fidelity, reference_samples,
                                               run_key, same_outputs, small_window, summarize)
 from benchmarks.quality_bench.plots import write_plots
 from benchmarks.quality_bench.report import FULL_RESULT, read_full_result, write_markdown, write_result
@@ -35,6 +35,8 @@ class QualityRun:
         self.base_flags = ["--max-total-tokens", str(args.max_total_tokens)] + shlex.split(args.server_args)
         if AGNOSTIC in protocols and "--enable-streaming-session" not in self.base_flags:
             self.base_flags.append("--enable-streaming-session")
+        if CHUNKED in protocols and "--chunked-prefill-size" not in self.base_flags:
+            self.base_flags += ["--chunked-prefill-size", str(args.chunk)]
         self.kv_budgets = (args.kvpress_budgets or args.budgets) if args.kvpress else []
         self.runs, self.timings, self.rows = {}, {}, []
         self.complete = False
@@ -158,8 +160,10 @@ class QualityRun:
         for protocol, key in keys.items():
             t0 = time.time()
             qc = self.question_params(policy, custom) if protocol == AGNOSTIC else None
-            records = run_server_samples(server, run_samples, key, custom=custom, concurrency=self.args.concurrency,
-                                         protocol=protocol, tok=self.tok, question_custom=qc)
+            sent = {**(custom or {}), "kv_prefill_compression": "chunked"} if protocol == CHUNKED else custom
+            records = run_server_samples(server, run_samples, key, custom=sent, concurrency=self.args.concurrency,
+                                         protocol=AGNOSTIC if protocol == AGNOSTIC else "query-aware", tok=self.tok,
+                                         question_custom=qc)
             out[key] = (protocol, qc, records, time.time() - t0)
         return out
 
@@ -240,7 +244,8 @@ class QualityRun:
             for policy, budget in [("none", None)] + [(p, b) for b in args.budgets for p in args.policies if p != "none"]:
                 if policy not in args.policies:
                     continue
-                wanted = sorted(set(self.protocols) | ({"query-aware"} if policy == "none" else set()), key=PROTOCOLS.index)
+                wanted = set(self.protocols) - ({CHUNKED} if policy == "none" else set())  # none: nothing to chunk
+                wanted = sorted(wanted | ({"query-aware"} if policy == "none" else set()), key=ORDER.index)
                 keys = {pr: run_key(policy, budget, pr) for pr in wanted if run_key(policy, budget, pr) not in self.runs}
                 if keys:
                     self.runs.update(self.server_run(keys, policy, budget))

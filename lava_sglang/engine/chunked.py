@@ -49,9 +49,9 @@ def chunk_target(config: CompressionConfig, lo: int, hi: int, end: int) -> Optio
     return hi
 
 
-def begin_tally(state, peak_slots: int = 0, prefill_seconds: float = 0.0) -> None:
+def begin_tally(state, peak_slots: int = 0, prefill_seconds: float = 0.0, trace: Optional[list] = None) -> None:
     """A turn compressed chunk by chunk starts its tally on ``state`` (a ``CompressedRequest``)."""
-    state.chunk_selections, state.peak_slots = 0, peak_slots
+    state.chunk_selections, state.peak_slots, state.prefill_trace = 0, peak_slots, list(trace or [])
     state.chunk_compression_s, state.chunk_prefill_s, state.chunk_freed = 0.0, prefill_seconds, 0
     state.chunk_mid_prompt = False
 
@@ -68,13 +68,22 @@ def tally_selection(state, report: dict, mid_prompt: bool = False) -> None:
 def chunk_report(state) -> dict:
     """What a turn compressed chunk by chunk adds to its report: every selection's cost and
     freed slots summed (``compression_ms`` and ``slots_freed`` are its last selection's), the
-    prefill time of all its chunks and the peak."""
+    prefill time of all its chunks, the peak and the trace (:func:`note_peak`)."""
     return {"prefill_compression": "chunked", "chunk_selections": state.chunk_selections,
-            "peak_slots": state.peak_slots, "compression_ms_total": round(state.chunk_compression_s * 1000, 2),
+            "peak_slots": state.peak_slots, "prefill_trace": [list(step) for step in state.prefill_trace],
+            "compression_ms_total": round(state.chunk_compression_s * 1000, 2),
             "prefill_ms_total": round(state.chunk_prefill_s * 1000, 2), "slots_freed_total": state.chunk_freed}
 
 
-def note_peak(holder, private_slots: int) -> None:
-    """Record ``private_slots`` (slots the request's row owns past its shared prefix, measured
-    after a chunk's forward, before its re-selection frees any) as a candidate peak."""
-    holder.peak_slots = max(int(getattr(holder, "peak_slots", 0) or 0), int(private_slots))
+def note_peak(holder, private_slots: int, prefilled: int) -> None:
+    """After a chunk's forward, before its selection frees any: the slots the request's row owns
+    past its shared prefix, a candidate peak and a step of its ``prefill_trace``
+    (``[tokens prefilled, private slots after the forward, private slots after the selection]``)."""
+    holder.peak_slots = max(int(holder.peak_slots or 0), int(private_slots))
+    holder.prefill_trace.append([int(prefilled), int(private_slots), int(private_slots)])
+
+
+def note_kept(holder, private_slots: int) -> None:
+    """The private slots the row owns after the selection that followed the last chunk."""
+    if holder.prefill_trace:
+        holder.prefill_trace[-1][2] = int(private_slots)

@@ -36,7 +36,8 @@ import torch
 
 from lava_sglang.engine.accounting import debug_check
 from lava_sglang.engine.cells import pool_cells
-from lava_sglang.engine.chunked import begin_tally, chunk_report, chunk_target, is_chunked, note_peak, tally_selection
+from lava_sglang.engine.chunked import (begin_tally, chunk_report, chunk_target, is_chunked, note_kept, note_peak,
+                                        tally_selection)
 from lava_sglang.engine.compress import Candidates, make_report, select_and_pack
 from lava_sglang.engine.failures import fail_request, inject
 from lava_sglang.engine.report import META_KEY, attach, count_selection, record
@@ -211,7 +212,7 @@ def finish_turn(worker, req, state: CompressedRequest, chunk_hi: int, elapsed: f
     chunked = is_chunked(request_config(req)) and chunk_hi <= end
     if chunked:
         state.chunk_prefill_s += elapsed
-        note_peak(state, state.kept_slots + chunk_hi - state.prompt_len)
+        note_peak(state, state.kept_slots + chunk_hi - state.prompt_len, chunk_hi)
     if chunk_hi < end:
         if chunked and pend is not None and pend.prompt_len == chunk_hi:
             _reselect_chunk(worker, req, state, pend)
@@ -233,6 +234,7 @@ def finish_turn(worker, req, state: CompressedRequest, chunk_hi: int, elapsed: f
             report.update(compression_ms=0.0, slots_freed=0)
     elif chunked:
         tally_selection(state, report)
+        note_kept(state, state.kept_slots)
     if chunked:
         report.update(chunk_report(state), continued=state.turns > 1)
     if first or report.get("reselected"):
@@ -265,5 +267,6 @@ def _reselect_chunk(worker, req, state: CompressedRequest, pend: PendingRequest)
     ok, report = _run_reselect(worker, req, state, pend)
     if ok and report is not None:
         tally_selection(state, report, mid_prompt=True)
+        note_kept(state, state.kept_slots)
         count_selection(report)
         debug_check(worker)

@@ -198,7 +198,7 @@ class LayoutPlan:
             return False
         if any(e.seq_end != s + 1 for e, s in zip(self.entries, ends)):
             return False
-        R, H, n_layers = len(self.entries), self.n_kv_heads, self.space.n_layers
+        R, H = len(self.entries), self.n_kv_heads
         device = self.req_to_token.device
         rows = torch.tensor([e.row for e in self.entries], dtype=torch.long, device=device)
         last = torch.tensor([e.seq_end - 1 for e in self.entries], dtype=torch.long, device=device)
@@ -269,7 +269,7 @@ def attend(layer, q: torch.Tensor, plan: LayoutPlan, pool, out: Optional[torch.T
     worker, seconds per decode step; issue 25, case 5)."""
     Hq, Hkv, D, Dv = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim, layer.v_head_dim
     g = Hq // Hkv
-    k_flat, v_flat = plan.space.k_flat, plan.space.v_flat
+    k_flat = plan.space.k_flat
     with cpu_threads_for(0, q.device):  # index building and planning: small integer ops
         kernel = plan.kernel_plan(layer.layer_id, (g, D, Dv), k_flat.dtype)
         work = plan.indices(layer.layer_id).kv_indices.numel() * D + q.numel()

@@ -14,7 +14,8 @@ import logging
 from typing import Optional
 
 from lava_sglang.engine.accounting import debug_check
-from lava_sglang.engine.chunked import begin_tally, chunk_report, chunk_target, is_chunked, note_peak, tally_selection
+from lava_sglang.engine.chunked import (begin_tally, chunk_report, chunk_target, is_chunked, note_kept, note_peak,
+                                        tally_selection)
 from lava_sglang.engine.compress import compress_request
 from lava_sglang.engine.continuation import continued_state, finish_turn
 from lava_sglang.engine.failures import fail_request, inject
@@ -188,14 +189,13 @@ def finish_extend(worker, batch, elapsed: float) -> None:
         if pending is None or not owns(pending, req):
             continue
         pending.prefill_seconds += elapsed
+        if pending.replay is None:
+            note_peak(pending, chunk_hi - pending.prefix_len, chunk_hi)
         if chunk_hi < len(req.full_untruncated_fill_ids):
             if not (is_chunked(pending.config) and pending.replay is None and pending.prompt_len == chunk_hi):
                 continue  # more chunks to come
-            note_peak(pending, chunk_hi - pending.prefix_len)
             if not should_compress(pending.config, pending.prefix_len, chunk_hi):
                 continue  # the range so far fits the budget: nothing to select yet
-        elif is_chunked(pending.config):
-            note_peak(pending, chunk_hi - pending.prefix_len)
         del REGISTRY.pending[pending.row]
         if pending.replay is None and (any(q is None for q in pending.queries) or not pending.queries):
             logger.warning("lava-sglang: request %s: window queries missing; not compressed", req.rid)
@@ -212,8 +212,11 @@ def finish_extend(worker, batch, elapsed: float) -> None:
         state.kv = req.kv
         state.report["turn"] = 1
         REGISTRY.compressed[state.row] = state
+        note_kept(pending, state.kept_slots)
+        if pending.replay is None:
+            state.report.update(peak_slots=pending.peak_slots, prefill_trace=pending.prefill_trace)
         if is_chunked(pending.config):
-            begin_tally(state, pending.peak_slots, pending.prefill_seconds)
+            begin_tally(state, pending.peak_slots, pending.prefill_seconds, pending.prefill_trace)
             tally_selection(state, state.report, mid_prompt=chunk_hi < len(req.origin_input_ids))
             state.report.update(chunk_report(state))
             if chunk_hi < len(req.origin_input_ids):

@@ -50,8 +50,9 @@ class PendingRequest:
     # The SGLang request this state serves (``owns``): a rid is the client's label, and a
     # client may reuse it, so "the same request" is decided by identity, never by rid.
     owner: Optional[weakref.ref] = None
-    # Compression during chunked prefill (engine.chunked): most private slots held after a chunk.
+    # Most private slots held after a chunk, and each chunk's step (engine.chunked.note_peak).
     peak_slots: int = 0
+    prefill_trace: list = field(default_factory=list)
 
     @property
     def window(self) -> int:
@@ -90,6 +91,7 @@ class CompressedRequest:
     chunk_prefill_s: float = 0.0
     chunk_freed: int = 0
     chunk_mid_prompt: bool = False  # a selection before the prompt was complete
+    prefill_trace: list = field(default_factory=list)
 
     @property
     def freed_range(self) -> tuple[int, int]:

@@ -19,6 +19,11 @@ while it is prefilled.
    chunk's forward, after its selection) for ``after`` and ``chunked``; for ``none``, which has
    no plugin state, the pool's used slots polled (``/server_info``) while it is prefilled.
 
+4. **Passkey beyond the pool.** A passkey at each of ``--passkey-depths`` of a
+   ``--passkey-tokens`` prompt (``--passkey-seeds`` prompts per depth): ``chunked`` on the small
+   pool, against the full cache (``kv_policy: none``) and ``after`` on the trace server's large
+   pool, same budget and chunking.
+
 Writes ``chunked.json``, ``chunked.md`` and ``chunked.png`` to ``benchmarks/results/chunked/``.
 The radix cache is flushed before every request: no prompt is served from another's cache.
 """
@@ -55,6 +60,17 @@ def request(server: Server, ids: list[int], mode: str | None, max_new_tokens: in
     if isinstance(out, dict):
         out["client_s"] = time.perf_counter() - started
     return status, out
+
+
+def ask(server: Server, tok, task, mode: str | None, policy: str | None = None) -> dict:
+    """A passkey question (the tree flushed first): right or wrong, and the slots it held."""
+    server.flush_cache()
+    status, out = request(server, tok.encode(task.prompt), mode, max_new_tokens=8, policy=policy)
+    assert status == 200, out
+    rep = report(out) or {}
+    return {"right": task.answer in out["text"], "answer": (out["text"].strip().splitlines() or [""])[0][:24],
+            "prompt_tokens": out["meta_info"]["prompt_tokens"], "peak_slots": rep.get("peak_slots"),
+            "slots_held": rep.get("slots_held", out["meta_info"]["prompt_tokens"])}
 
 
 def report(out: dict) -> dict | None:
@@ -100,12 +116,15 @@ def main(argv=None) -> int:
     p.add_argument("--cost-lengths", type=int, nargs="+", default=[2000, 4000, 8000])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--trace-pool", type=int, default=9000)
+    p.add_argument("--passkey-tokens", type=int, default=7000)
+    p.add_argument("--passkey-depths", type=float, nargs="*", default=[0.1, 0.3, 0.5, 0.7, 0.9])
+    p.add_argument("--passkey-seeds", type=int, default=1)
     p.add_argument("--corpus", default=None)
     p.add_argument("--quick", action="store_true", help="a smoke run: 2500 tokens, cost at 1500 once, no trace server")
     p.add_argument("--out", default=str(OUT))
     args = p.parse_args(argv)
     if args.quick:
-        args.tokens, args.cost_lengths, args.repeats, args.trace_pool = 2500, [1500], 1, 0
+        args.tokens, args.cost_lengths, args.repeats, args.trace_pool, args.passkey_depths = 2500, [1500], 1, 0, []
     command = "python -m benchmarks.chunked " + " ".join(argv if argv is not None else sys.argv[1:])
 
     model = str(default_model_path())
@@ -148,6 +167,10 @@ def main(argv=None) -> int:
             cost[n] = {"share_median": statistics.median(s["share"] for s in shares), "runs": shares}
             print(f"[chunked] cost at {n} tokens: {100 * cost[n]['share_median']:.2f}% of prefill", flush=True)
         data["cost"] = cost
+        passkeys = [passkey_task(args.passkey_tokens, seed=2700 + 10 * i + j, depth=d, corpus=corpus, tokenizer=tok)
+                    for i, d in enumerate(args.passkey_depths) for j in range(args.passkey_seeds)]
+        data["passkey"] = [{"depth": t.depth, "answer": t.answer, "chunked_small_pool": ask(server, tok, t, "chunked")}
+                           for t in passkeys]
     print("[chunked] none server, same pool", flush=True)
     with Server(model, ["--kv-policy", "none", *base]) as server:
         status, body = request(server, target_ids, None)
@@ -160,6 +183,9 @@ def main(argv=None) -> int:
         flags = ["--kv-policy", "lava", "--kv-budget", str(args.budget), "--max-total-tokens", str(args.trace_pool),
                  "--chunked-prefill-size", str(args.chunk), "--log-level", "info", "--sleep-on-idle"]
         with Server(model, flags) as server:
+            for row, t in zip(data["passkey"], passkeys):
+                for name, mode, policy in (("none_large_pool", None, "none"), ("after_large_pool", "after", None)):
+                    row[name] = ask(server, tok, t, mode, policy)
             for name, mode, policy in (("none", None, "none"), ("after", "after", None), ("chunked", "chunked", None)):
                 server.flush_cache()
                 out, plateaus = polled(server, target_ids, mode, policy)
@@ -200,6 +226,20 @@ def write_md(data: dict, args) -> str:
         run = c["runs"][0]
         lines.append(f"| {n} | {run['selections']} | {max(r['peak_slots'] for r in c['runs'])} | "
                      f"{100 * c['share_median']:.2f}% ({run['compression_ms_total']:.0f} / {run['prefill_ms_total']:.0f} ms) |")
+    if data.get("passkey") and "none_large_pool" in data["passkey"][0]:
+        rows = data["passkey"]
+        n = rows[0]["chunked_small_pool"]["prompt_tokens"]
+        lines += ["", f"**Passkey beyond the pool** (~{n}-token prompts, {len(rows)} prompts; right / asked):", "",
+                  "| depth | full cache, pool " + str(args.trace_pool) + f" | lava:{args.budget} after, pool "
+                  + str(args.trace_pool) + f" | lava:{args.budget} chunked, pool {args.pool} |", "|---|---|---|---|"]
+        for depth in sorted({r["depth"] for r in rows}):
+            sel = [r for r in rows if r["depth"] == depth]
+            cell = lambda k: f"{sum(r[k]['right'] for r in sel)} / {len(sel)}"  # noqa: E731
+            lines.append(f"| {100 * depth:.0f}% | {cell('none_large_pool')} | {cell('after_large_pool')} | "
+                         f"{cell('chunked_small_pool')} |")
+        total = lambda k: sum(r[k]["right"] for r in rows)  # noqa: E731
+        lines.append(f"| all | {total('none_large_pool')} / {len(rows)} | {total('after_large_pool')} / {len(rows)} | "
+                     f"{total('chunked_small_pool')} / {len(rows)} |")
     if "trace" in data:
         lines += ["", f"**Private slots while prefilled** ({t['prompt_tokens']} tokens, pool {args.trace_pool}):", "",
                   "| mode | most private slots held | after prefill |", "|---|---|---|"]

@@ -120,7 +120,7 @@ def server_flags(args) -> list[str]:
 
 
 SUMMARY = ("ok", "elapsed_seconds", "requests_sent", "requests_completed", "requests_aborted_by_client",
-           "requests_retracted", "retractions", "requests_compressed", "sessions", "session_turns",
+           "requests_retracted", "retractions", "requests_compressed", "requests_chunked", "requests_beyond_pool", "sessions", "session_turns",
            "session_turns_continued", "resend_conversations", "resend_turns", "resend_turns_continued",
            "resend_turns_continued_same_rid", "rejected_400", "rejected_too_long", "exact_checks", "exact_mismatches",
            "retraction_checks", "retraction_mismatches", "errors", "incomplete", "stalled_requests", "max_waited_s",
@@ -184,6 +184,8 @@ def main(argv=None) -> int:
         "resend_turns": c.get("resend_turns", 0),
         "resend_turns_continued": c.get("resend_turns_continued", 0),
         "resend_turns_continued_same_rid": c.get("resend_turns_continued_same_rid", 0),
+        "requests_chunked": c.get("chunked", 0),
+        "requests_beyond_pool": c.get("kind_beyond_pool", 0),
         "rejected_400": c.get("rejected_400", 0),
         "rejected_too_long": c.get("rejected_too_long", 0),
         "exact_checks": c.get("exact_checks", 0),

@@ -38,8 +38,9 @@ CONFIGS = {
     # outputs, recorded on exactly these flags), tests/test_server_basic.py, tests/test_safety.py.
     # Debug invariants on, and fault injection armed (it acts only on rids "lava-fault-*").
     "lava": (("--kv-policy", "lava", "--kv-budget", "128"), {**DEBUG_ENV, **FAULT_ENV}),
-    # The same on two CPU ranks (tests/test_examples.py fills in the env var that binds each rank to a core).
-    "lava-dp2": (("--kv-policy", "lava", "--kv-budget", "128", "--dp-size", "2"), {}),
+    # The same on two CPU ranks (tests/test_examples.py fills in the env var that binds each rank to a
+    # core), prefill in 256-token chunks (compression during chunked prefill on each rank).
+    "lava-dp2": (("--kv-policy", "lava", "--kv-budget", "128", "--dp-size", "2", "--chunked-prefill-size", "256"), {}),
     # tests/test_server_basic.py: a server whose budget covers its prompts, and one without compression.
     "lava-4096": (("--kv-policy", "lava", "--kv-budget", "4096"), {}),
     "none-plain": (("--kv-policy", "none"), {}),

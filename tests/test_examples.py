@@ -128,8 +128,9 @@ def test_dp_size_2_each_rank_compresses(servers):
 
     results = {}
 
-    def run(i):
-        results[i] = server.generate(passkey_task(400, seed=70 + i).prompt, max_new_tokens=4)
+    def run(i):  # compressed during chunked prefill (256-token chunks): selected twice on its rank
+        results[i] = server.generate(passkey_task(400, seed=70 + i).prompt, max_new_tokens=4,
+                                     sampling_params={"custom_params": {"kv_prefill_compression": "chunked"}})
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
     for t in threads:
@@ -139,7 +140,9 @@ def test_dp_size_2_each_rank_compresses(servers):
     ranks = set()
     for out in results.values():
         report = out["meta_info"]["kv_compression"][0]
-        assert report["policy"] == "lava" and report["slots_freed"] > 0
+        assert report["policy"] == "lava" and report["slots_freed_total"] > 0
+        assert report["prefill_compression"] == "chunked" and report["chunk_selections"] == 2, report
+        assert report["peak_slots"] <= 128 + 256 + 32 + 1, report
         ranks.add(out["meta_info"]["dp_rank"])
     assert ranks == {0, 1}  # round robin: one request per rank
     states = server.server_info()["internal_states"]

@@ -122,7 +122,17 @@ def main(argv=None) -> int:
     p.add_argument("--corpus", default=None)
     p.add_argument("--quick", action="store_true", help="a smoke run: 2500 tokens, cost at 1500 once, no trace server")
     p.add_argument("--out", default=str(OUT))
+    p.add_argument("--replot", action="store_true", help="only rewrite chunked.md and chunked.png from --out/chunked.json")
     args = p.parse_args(argv)
+    if args.replot:
+        out_dir = Path(args.out)
+        data = json.loads((out_dir / "chunked.json").read_text())
+        saved = argparse.Namespace(**{**data["args"], "out": args.out})
+        (out_dir / "chunked.md").write_text(write_md(data, saved))
+        if "trace" in data:
+            plot(data, saved, out_dir / "chunked.png")
+        print((out_dir / "chunked.md").read_text())
+        return 0
     if args.quick:
         args.tokens, args.cost_lengths, args.repeats, args.trace_pool, args.passkey_depths = 2500, [1500], 1, 0, []
     command = "python -m benchmarks.chunked " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -261,8 +271,6 @@ def plot(data: dict, args, path: Path) -> None:
         return
     fig, ax = plt.subplots(figsize=(8, 4.5))
     tr = data["trace"]
-    none = tr["none"]["polled_used_slots"]
-    ax.plot(none, none, marker=".", color="black", label="none (pool used slots, polled)")
     for name, color in (("after", "tab:orange"), ("chunked", "tab:blue")):
         steps = tr[name]["prefill_trace"] or []
         xs, ys = [], []
@@ -270,6 +278,8 @@ def plot(data: dict, args, path: Path) -> None:
             xs += [prefilled, prefilled]
             ys += [held, kept]
         ax.plot(xs, ys, marker=".", color=color, label=f"lava:{args.budget} {name} (plugin trace)")
+    none = tr["none"]["polled_used_slots"]  # no plugin state: each polled value is the tokens prefilled so far
+    ax.plot(none, none, marker="x", color="black", linestyle="--", label="none (pool used slots, polled)")
     ax.axhline(data["bound"], color="tab:blue", linestyle=":", label=f"budget + chunk + window + 1 = {data['bound']}")
     ax.set(xlabel="prompt tokens prefilled", ylabel="private KV slots held",
            title=f"One {data['target']['prompt_tokens']}-token prompt, chunks of {args.chunk}")

@@ -10,6 +10,7 @@ window slots of it at any time and answers.
 from __future__ import annotations
 
 import json
+import re
 
 from rich.table import Table
 
@@ -57,7 +58,7 @@ def long_table(rows: list[dict], n_tokens: int, pool: int, passkey: str) -> Tabl
     table = Table(title=f"A prompt longer than the pool: passkey {passkey} in a {n_tokens}-token prompt, "
                         f"KV pool {pool} tokens", title_justify="left")
     table.add_column("KV cache", no_wrap=True)
-    for column in ("outcome", "peak slots of the request", "slots held after prefill"):
+    for column in ("outcome", "peak slots", "held after"):
         table.add_column(column, justify="left" if column == "outcome" else "right")
     for r in rows:
         if r["status"] == 200:
@@ -66,6 +67,9 @@ def long_table(rows: list[dict], n_tokens: int, pool: int, passkey: str) -> Tabl
             peak = "-" if r["peak_slots"] is None else f"{r['peak_slots']} (bound {r['bound']})"
             held = "-" if r["slots_held"] is None else str(r["slots_held"])
         else:
-            outcome, peak, held = f"refused (HTTP {r['status']}): {r['refusal'][:150]}", "-", "-"
+            m = re.search(r"Input length \((\d+) tokens\) exceeds the maximum allowed length \((\d+) tokens\)", r["refusal"])
+            first = f"{m[1]} tokens > {m[2]} allowed" if m else r["refusal"].split(". ")[0]
+            hint = ", names kv_prefill_compression" if "kv_prefill_compression" in r["refusal"] else ""
+            outcome, peak, held = f"refused (HTTP {r['status']}): {first}{hint}", "-", "-"
         table.add_row(r["name"], outcome, peak, held)
     return table

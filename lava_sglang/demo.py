@@ -49,7 +49,7 @@ from lava_sglang.sglang_log import decode_batches, decode_steps, peak_running, p
 from lava_sglang.workloads import default_corpus_dir, haystack, load_corpus, passkey_task
 
 OUT = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "demo"
-WHERE = 'Full benchmarks and plots: benchmarks/results/ (memory, quality, serving, chunked); README "Results at a glance".'
+WHERE = 'Full benchmarks and plots: benchmarks/results/ (README section "Results at a glance").'
 
 
 class Steps:

@@ -38,12 +38,14 @@ import threading
 import time
 from pathlib import Path
 
+from lava_sglang.config import CompressionConfig
+from lava_sglang.engine.chunked import peak_bound
 from lava_sglang.launch import Server, post_generate
 from lava_sglang.models import default_model_path
 from lava_sglang.workloads import default_corpus_dir, haystack, load_corpus, passkey_task
 
 OUT = Path(__file__).resolve().parent / "results" / "chunked"
-WINDOW = 32
+WINDOW = CompressionConfig().window  # the servers' (default) window
 
 
 def request(server: Server, ids: list[int], mode: str | None, max_new_tokens: int = 8, policy: str | None = None):
@@ -145,7 +147,7 @@ def main(argv=None) -> int:
     corpus = load_corpus(corpus_dir)
     task = passkey_task(args.tokens, seed=27, depth=0.5, corpus=corpus, tokenizer=tok)
     target_ids = tok.encode(task.prompt)
-    bound = args.budget + args.chunk + WINDOW + 1
+    bound = peak_bound(args.budget, WINDOW, args.chunk)
     base = ["--max-total-tokens", str(args.pool), "--chunked-prefill-size", str(args.chunk), "--log-level", "info",
             "--sleep-on-idle"]
     data: dict = {"command": command, "corpus": str(corpus_dir), "args": vars(args), "bound": bound,

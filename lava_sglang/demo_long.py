@@ -14,9 +14,11 @@ import re
 
 from rich.table import Table
 
+from lava_sglang.config import CompressionConfig
+from lava_sglang.engine.chunked import peak_bound
 from lava_sglang.launch import Server, flush_cache, post_generate
 
-WINDOW = 32
+WINDOW = CompressionConfig().window  # the demo server's (default) window
 
 
 def ask_long(server: Server, task, budget: int, chunk: int, max_new_tokens: int = 8) -> list[dict]:
@@ -37,7 +39,7 @@ def ask_long(server: Server, task, budget: int, chunk: int, max_new_tokens: int 
             row.update(answer=text.splitlines()[0] if text else "", right=task.answer in text,
                        prompt_tokens=out["meta_info"]["prompt_tokens"], peak_slots=rep.get("peak_slots"),
                        slots_held=rep.get("slots_held"), selections=rep.get("chunk_selections"),
-                       bound=budget + chunk + WINDOW + 1)
+                       bound=peak_bound(budget, WINDOW, chunk))
         else:
             row["refusal"] = _message(body)
         rows.append(row)

@@ -33,6 +33,12 @@ from typing import Optional
 from lava_sglang.config import CompressionConfig
 
 
+def peak_bound(budget: int, window: int, chunk: int) -> int:
+    """What a chunked request's private slots can reach while it is prefilled: its budget, one
+    chunk, a window (a last chunk shorter than a full one) and one slot of packing rounding."""
+    return budget + chunk + window + 1
+
+
 def is_chunked(config: Optional[CompressionConfig]) -> bool:
     return config is not None and config.enabled and config.prefill_compression == "chunked"
 

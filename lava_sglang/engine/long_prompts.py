@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
-from lava_sglang.engine.chunked import is_chunked
+from lava_sglang.engine.chunked import is_chunked, peak_bound
 from lava_sglang.engine.settings import request_config
 from lava_sglang.engine.state import REGISTRY
 
@@ -48,9 +48,8 @@ def _chunk(scheduler) -> int:
 
 
 def resident_slots(config, chunk: int) -> int:
-    """What a chunked request's own slots can reach while it is prefilled (budget + chunk + window,
-    one of packing rounding)."""
-    return config.budget + chunk + config.window + 1
+    """What a chunked request's own slots can reach while it is prefilled (``chunked.peak_bound``)."""
+    return peak_bound(config.budget, config.window, chunk)
 
 
 def _lifted(req) -> Optional[tuple]:

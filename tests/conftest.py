@@ -59,14 +59,21 @@ CONFIGS = {
     # Its uncompressed twin (same chunking: greedy outputs compare token for token).
     "none": (("--kv-policy", "none", *SESSION_FLAGS), {}),
     # tests/test_sessions_resend.py: a pool that holds four parked conversations (streaming
-    # sessions on: tests/test_safety_memory.py's session turn behind a blocked head), and a parking cap
-    # (also tests/test_safety_rows.py's case 11).
+    # sessions on: tests/test_safety_memory.py's session turn behind a blocked head, which SGLang's
+    # longest-output-first and priority sorts put behind the head at every round), and a parking
+    # cap (also tests/test_safety_rows.py's case 11); tests/test_chunked_bound.py's window case.
     "lava-small-pool": (("--kv-policy", "lava", "--kv-budget", "128", "--chunked-prefill-size", "256",
-                         "--max-total-tokens", "1100", "--enable-metrics", "--enable-streaming-session"), DEBUG_ENV),
-    # tests/test_chunked_prefill.py: a pool four times smaller than its prompts, compressed chunk by
-    # chunk (streaming sessions on: a session turn longer than the pool).
+                         "--max-total-tokens", "1100", "--enable-metrics", "--enable-streaming-session",
+                         "--schedule-policy", "lof", "--enable-priority-scheduling"), DEBUG_ENV),
+    # tests/test_chunked_prefill.py, tests/test_chunked_bound.py: a pool four times smaller than its
+    # prompts, compressed chunk by chunk (streaming sessions on: a session turn longer than the
+    # pool; fault injection armed for "lava-fault-*" rids).
     "lava-tiny-pool": (("--kv-policy", "lava", "--kv-budget", "256", "--max-total-tokens", "1024",
-                        "--chunked-prefill-size", "512", "--enable-streaming-session"), DEBUG_ENV),
+                        "--chunked-prefill-size", "512", "--enable-streaming-session"), {**DEBUG_ENV, **FAULT_ENV}),
+    # tests/test_chunked_bound.py: the same without a radix cache (SGLang admits ignore_eos
+    # requests through its own path there).
+    "lava-tiny-noradix": (("--kv-policy", "lava", "--kv-budget", "256", "--max-total-tokens", "1024",
+                           "--chunked-prefill-size", "512", "--disable-radix-cache"), DEBUG_ENV),
     "lava-park-cap": (("--kv-policy", "lava", "--kv-budget", "128", "--chunked-prefill-size", "256",
                        "--max-total-tokens", "8192", "--kv-park-max-slots", "300"), DEBUG_ENV),
 }
@@ -76,7 +83,8 @@ CONFIGS = {
 # none arrive together for the tests comparing them; the lava-chunked-only tests then make it the
 # most recently used, so the small pool's test (which also uses lava-chunked) evicts none.
 CONFIG_ORDER = ("lava", "lava-dp2", "lava-4096+none-plain", "none-plain", "reliability", "retract",
-                "lava-chunked+none", "none", "lava-chunked", "lava-small-pool", "lava-tiny-pool", "lava-park-cap")
+                "lava-chunked+none", "none", "lava-chunked", "lava-small-pool", "lava-tiny-pool", "lava-tiny-noradix",
+                "lava-park-cap")
 # Pooled tests in modules that do not name their configurations (server_configs markers) themselves.
 UNMARKED = {
     "test_server_basic.py::test_lava_greedy_output_equals_none_when_budget_covers_prompt": ("lava-4096", "none-plain"),

@@ -100,7 +100,9 @@ def test_session_turn_behind_a_blocked_head_is_served(servers, tokenizer, corpus
     sessions do between turns. A fresh ~1000-token request arrives and cannot be admitted while the
     session holds its slots; the session's turn 2 arrives behind it (the scheduler is paused so the
     order is certain). First-come-first-served waited forever: turn 2 behind the head, the head
-    behind the memory that only turn 2 and the session's close would give back. Turn 2 is served
+    behind the memory that only turn 2 and the session's close would give back. The server runs
+    ``--schedule-policy lof --enable-priority-scheduling``, and the head has the higher priority
+    and the longer output, so SGLang's sort puts it first again at every round. Turn 2 is served
     within 120 s, the client closes the session, the fresh request is then served, nothing leaks."""
     server = config_server(servers, "lava-small-pool")
     server.flush_cache()
@@ -119,7 +121,10 @@ def test_session_turn_behind_a_blocked_head_is_served(servers, tokenizer, corpus
             results[name] = post(server, payload, timeout=timeout)
 
         sp = {"max_new_tokens": 8, "temperature": 0.0, "ignore_eos": True}
-        threads = {"head": threading.Thread(target=run, args=("head", {"input_ids": head, "sampling_params": sp}, 400)),
+        # The server sorts its queue longest-output-first and by priority at every round: both put
+        # the head first (a higher priority, a longer output), round after round.
+        head_payload = {"input_ids": head, "priority": 10, "sampling_params": {**sp, "max_new_tokens": 16}}
+        threads = {"head": threading.Thread(target=run, args=("head", head_payload, 400)),
                    "turn": threading.Thread(target=run, args=("turn", {
                        "input_ids": ids_of(tokenizer, corpus, 100, 27303), "session_params": {"id": sid},
                        "sampling_params": sp}, 120))}
@@ -142,7 +147,7 @@ def test_session_turn_behind_a_blocked_head_is_served(servers, tokenizer, corpus
         closed = True
         threads["head"].join(450)
         assert "head" in results, "the fresh request never returned\n" + server.log_tail(40)
-        assert len(ok(results["head"])["output_ids"]) == 8
+        assert len(ok(results["head"])["output_ids"]) == 16
     finally:
         if not closed:
             server.close_session(sid)

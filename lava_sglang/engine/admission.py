@@ -18,8 +18,9 @@ reservation:
   (SGLang's semantics). When the head of the queue needs more than is free while sessions hold
   the rest, and their next turns wait behind it, first-come-first-served would wait forever: in
   such a round (nothing admitted, nothing running, no idle conversation left to release) the
-  waiting turns of sessions that hold KV move to the front. Serving them is what lets their
-  clients go on and close them.
+  waiting turns of sessions that hold KV move to the front, and stay there through SGLang's
+  re-sort of the queue at every round (any ``--schedule-policy``, priority scheduling) until a
+  round admits something. Serving them is what lets their clients go on and close them.
 * **Admission races**: one round may admit a request on idle parked slots and lend that very
   conversation to a later request of the same round (the match runs after the earlier
   admission). When the allocation then comes up short, conversations lent to requests that are
@@ -42,6 +43,7 @@ logger = logging.getLogger("lava_sglang")
 
 SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
 RADIX_CACHE = "sglang.srt.mem_cache.unified_radix_cache.UnifiedRadixCache"
+POLICY = "sglang.srt.managers.schedule_policy.SchedulePolicy"
 
 
 def _waiting(scheduler) -> list:
@@ -79,12 +81,28 @@ def around_get_new_batch_prefill(original, self, running_batch=None, *args, **kw
         if rec is not None:
             release(self.tree_cache, rec, "admission stalled: its prefix lock and slots go back to the tree")
             LOT.totals["evictions"] += 1
-        else:
-            _session_turns_first(self)
+        elif _session_turns_first(self) or _SESSIONS_FIRST["on"]:
+            _SESSIONS_FIRST["on"] = True
+    elif getattr(plan, "batch_to_run", None) is not None:
+        _SESSIONS_FIRST["on"] = False
     return plan
 
 
-def _session_turns_first(scheduler) -> int:
+# Set by a stalled round that moved session turns first; SGLang sorts the queue again at every
+# round (``SchedulePolicy.calc_priority``: lof, random, hrrn, lpm, shortest-prefill-first,
+# priorities), so the order is applied after each sort until a round admits something.
+_SESSIONS_FIRST = {"on": False}
+
+
+def after_calc_priority(result, self, *args, **kwargs):
+    """``SchedulePolicy.calc_priority``: after SGLang's sort, session turns first again while a
+    stall asks for it."""
+    if _SESSIONS_FIRST["on"] and REGISTRY.scheduler is not None:
+        _session_turns_first(REGISTRY.scheduler, quiet=True)
+    return result
+
+
+def _session_turns_first(scheduler, quiet: bool = False) -> int:
     """A stalled round with nothing parked to release: the waiting turns of streaming sessions
     that hold KV go to the front of the queue, in their order (see the module docstring).
     Returns how many moved; 0 when the head already is such a turn."""
@@ -103,8 +121,9 @@ def _session_turns_first(scheduler) -> int:
         return 0
     turns = [r for r, h in zip(waiting, held) if h]
     waiting[:] = turns + [r for r, h in zip(waiting, held) if not h]
-    logger.info("lava-sglang: admission stalled behind request %s (sessions hold the memory it needs): %d waiting "
-                "session turn(s) go first", waiting[len(turns)].rid, len(turns))
+    if not quiet:
+            logger.info("lava-sglang: admission stalled behind request %s (sessions hold the memory it needs): %d "
+                    "waiting session turn(s) go first", waiting[len(turns)].rid, len(turns))
     return len(turns)
 
 
@@ -176,4 +195,5 @@ HOOKS = [
     (f"{RADIX_CACHE}.evict", around_evict, "AROUND", True),
     (f"{RADIX_CACHE}.evict_for_alloc", around_evict_for_alloc, "AROUND", True),
     (f"{SCHEDULER}.get_new_batch_prefill", around_get_new_batch_prefill, "AROUND", True),
+    (f"{POLICY}.calc_priority", after_calc_priority, "AFTER", True),
 ]

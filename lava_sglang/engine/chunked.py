@@ -43,6 +43,32 @@ def is_chunked(config: Optional[CompressionConfig]) -> bool:
     return config is not None and config.enabled and config.prefill_compression == "chunked"
 
 
+def not_chunkwise(config: CompressionConfig, chunk: int, max_new_tokens: Optional[int], session: bool) -> Optional[str]:
+    """Why a request configured ``chunked`` would not be selected after every full chunk (None:
+    it will be). Only such a request is held to :func:`peak_bound`, so only it may be admitted
+    on it (``engine.long_prompts``): a prefix primer is never compressed, a window longer than
+    the chunk makes every chunk a short one (:func:`chunk_target`), and the chunks before
+    ``kv_min_prompt_len`` are never selected (``policies.base.needs_compression``)."""
+    if not is_chunked(config):
+        return "it is not compressed during chunked prefill"
+    if chunk <= 0:
+        return "the server has no chunked prefill (--chunked-prefill-size)"
+    if max_new_tokens is not None and max_new_tokens <= 0 and not session:
+        return "max_new_tokens 0: a prefix primer is never compressed"
+    if config.window > chunk:
+        return f"kv_window {config.window} is longer than the chunk {chunk}: no chunk is selected before the last"
+    if config.min_prompt_len > chunk:
+        return (f"kv_min_prompt_len {config.min_prompt_len} is longer than the chunk {chunk}: the chunks before it "
+                "are never selected")
+    return None
+
+
+def next_chunk_overflow(bound: int, private_now: int, chunk: int, remaining: int) -> bool:
+    """Whether the next chunk (at most ``chunk`` of the ``remaining`` prompt tokens) would take a
+    request holding ``private_now`` private slots past its ``bound``."""
+    return remaining > 0 and private_now + min(chunk, remaining) > bound
+
+
 def chunk_target(config: CompressionConfig, lo: int, hi: int, end: int) -> Optional[int]:
     """Where the selection that chunk ``[lo, hi)`` feeds ends: ``hi`` (re-select after this
     chunk with its own window), ``end`` (the prompt's own window, selected after the last chunk)

@@ -9,7 +9,8 @@ cells, building a decode plan. Packing (moving the kept vectors and freeing the 
 after selection succeeded and is not guarded: it cannot be undone half-way.
 
 Fault injection, for tests: ``LAVA_SGLANG_FAULT=compress,reselect,layout`` (any subset) makes
-those stages raise for requests whose rid starts with ``lava-fault-``. No SGLang import at
+those stages raise for requests whose rid starts with ``lava-fault-`` (only the stages the rid
+names, when it names any: ``lava-fault-reselect-1``). No SGLang import at
 module level.
 """
 
@@ -18,6 +19,8 @@ from __future__ import annotations
 import logging
 import os
 from http import HTTPStatus
+
+from lava_sglang.engine.state import REGISTRY
 
 logger = logging.getLogger("lava_sglang")
 
@@ -34,23 +37,50 @@ def armed() -> bool:
 
 
 def inject(stage: str, req) -> None:
-    """Raise when fault injection asks for ``stage`` and ``req`` is a fault request."""
+    """Raise when fault injection asks for ``stage`` and ``req`` is a fault request: a rid
+    ``lava-fault-...`` that names stages (``lava-fault-reselect-1``) fails in those only, one
+    that names none in every armed stage."""
     wanted = os.environ.get(FAULT_ENV, "")
     if not wanted:
         return
     rid = str(getattr(req, "rid", "") or "")
-    if rid.startswith(FAULT_RID_PREFIX) and stage in {s.strip() for s in wanted.split(",")}:
-        raise RuntimeError(f"injected fault ({FAULT_ENV}={wanted})")
+    if not rid.startswith(FAULT_RID_PREFIX) or stage not in {s.strip() for s in wanted.split(",")}:
+        return
+    named = set(rid[len(FAULT_RID_PREFIX):].split("-")) & set(STAGES)
+    if not named or stage in named:
+        raise RuntimeError(f"injected fault in {stage} ({FAULT_ENV}={wanted})")
+
+
+def aborting(req) -> bool:
+    """Whether ``req`` is being aborted already (by us or by SGLang)."""
+    return getattr(req, "to_finish", None) is not None or getattr(req, "discard_output_reason", None) is not None
+
+
+def abort(req, message: str, status=HTTPStatus.INTERNAL_SERVER_ERROR, err_type: str = "InternalServerError") -> bool:
+    """Abort ``req`` at once, with ``message`` for its client; False when it is being aborted
+    already. SGLang reads ``to_finish`` only after a request's last prefill chunk, so a request
+    between chunks (the scheduler's ``chunked_req``) goes through SGLang's own chunked-request
+    abort path instead: the next chunk never launches and its row is released at the next step
+    (``Scheduler.process_pending_chunked_abort``)."""
+    from sglang.srt.managers.schedule_batch import FINISH_ABORT
+
+    if aborting(req):
+        return False
+    reason = FINISH_ABORT(message, status, err_type)
+    scheduler = REGISTRY.scheduler
+    if scheduler is not None and getattr(scheduler, "chunked_req", None) is req:
+        req.discard_output_reason = reason
+        scheduler._pending_chunked_abort_req = req
+    else:
+        req.to_finish = reason
+    return True
 
 
 def fail_request(req, stage: str, exc: BaseException) -> None:
     """Abort ``req`` (once) with an error naming the stage; SGLang finishes and releases it."""
-    from sglang.srt.managers.schedule_batch import FINISH_ABORT
-
-    if getattr(req, "to_finish", None) is not None:
+    if aborting(req):
         return
     logger.error("lava-sglang: request %s failed in %s: %s: %s", getattr(req, "rid", "?"), stage,
                  type(exc).__name__, exc, exc_info=exc)
-    message = f"lava-sglang: KV compression failed for this request ({stage}): {type(exc).__name__}: {exc}"
-    req.to_finish = FINISH_ABORT(message, HTTPStatus.INTERNAL_SERVER_ERROR, "InternalServerError")
+    abort(req, f"lava-sglang: KV compression failed for this request ({stage}): {type(exc).__name__}: {exc}")
     TOTALS["failed_requests"] += 1

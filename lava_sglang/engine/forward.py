@@ -12,6 +12,7 @@ import time
 
 from lava_sglang.engine.cells import pool_cells
 from lava_sglang.engine.decode import decode_attention
+from lava_sglang.engine.guard import after_chunk
 from lava_sglang.engine.layout import attend, forget_decode_steps, save_kv
 from lava_sglang.engine.prefill import finish_extend, prepare_extend
 from lava_sglang.engine.settings import server_config
@@ -46,15 +47,17 @@ def around_forward_batch_generation(original, self, batch=None, *args, **kwargs)
     pool = runner.token_to_kv_pool
     step = prepare_extend(batch, runner.req_to_token_pool.req_to_token, pool_cells(pool))
     if step is None:
-        return original(self, batch, *args, **kwargs)
-    step.kv_pool = pool
-    _STEP = step
-    started = time.perf_counter()
-    try:
         result = original(self, batch, *args, **kwargs)
-    finally:
-        _STEP = None
-    finish_extend(self, batch, time.perf_counter() - started)
+    else:
+        step.kv_pool = pool
+        _STEP = step
+        started = time.perf_counter()
+        try:
+            result = original(self, batch, *args, **kwargs)
+        finally:
+            _STEP = None
+        finish_extend(self, batch, time.perf_counter() - started)
+    after_chunk(batch)  # the chunked bound, enforced before the next chunk is allocated
     return result
 
 

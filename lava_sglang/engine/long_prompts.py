@@ -13,18 +13,29 @@ budget + chunk + window slots of its own, so for it, and only for it:
 * its output is bounded by the context length and by what the pool holds beside its budget;
 * admission counts one chunk, the budget, the window and its output reserve, not the prompt.
 
-A request that cannot fit even so (a pool smaller than budget + window + chunk + its output
-reserve) gets a clear refusal. Under ``after`` a prompt longer than the pool is refused as by
+Admission counts only what is enforced (``docs/design.md``, "Admission on the bound"): the limits
+are lifted only for a request that will really be selected after every full chunk
+(``chunked.not_chunkwise``: it generates, or continues a streaming session; its window fits a
+chunk; ``kv_min_prompt_len`` is reached by the first chunk), and ``engine.guard`` aborts it if
+it ever would exceed the bound. Its matched radix prefix ``P`` is counted: when ``P`` + bound +
+output reserve cannot fit the pool, the match is capped to what fits and the rest of the prefix
+is prefilled (and compressed) instead of waiting forever. The ``ignore_eos`` admission path
+SGLang takes without a radix cache goes through the same check, and SGLang's
+shortest-prefill-first never cuts its chunk below its window. A request that cannot fit even so
+(a pool smaller than budget + window + chunk + its output reserve) gets a clear refusal; a
+request configured ``chunked`` that would not be selected chunk by chunk keeps SGLang's limits,
+and a prompt longer than the pool gets a 400 naming why. Under ``after`` a prompt longer than the pool is refused as by
 SGLang, and the refusal says that ``kv_prefill_compression: chunked`` would serve it. Requests
 without compression are left to SGLang. No SGLang import at module level.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Optional
 
-from lava_sglang.engine.chunked import is_chunked, peak_bound
+from lava_sglang.engine.chunked import is_chunked, not_chunkwise, peak_bound
 from lava_sglang.engine.settings import request_config
 from lava_sglang.engine.state import REGISTRY
 
@@ -33,7 +44,12 @@ logger = logging.getLogger("lava_sglang")
 VALIDATE = "sglang.srt.managers.utils.validate_input_length"
 SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
 ADDER = "sglang.srt.managers.schedule_policy.PrefillAdder"
+POLICY = "sglang.srt.managers.schedule_policy.SchedulePolicy"
+REQ = "sglang.srt.managers.schedule_batch.Req"
 _RESERVE = 6  # what SGLang keeps below the context length (max_req_len - 5, minus the one token)
+_MARGIN = 2  # SGLang admits on total < remaining (strict), and one slot of the allocator's own
+_PREFIX_CAP = "_lava_prefix_cap"  # on SGLang's Req: the longest radix match it may take
+_REQUESTED = "_lava_requested_new"  # on SGLang's Req: max_new_tokens as the client sent it, before any clip
 
 
 def _config(req):
@@ -43,7 +59,7 @@ def _config(req):
         return None
 
 
-def _chunk(scheduler) -> int:
+def chunk_size(scheduler) -> int:
     return int(getattr(scheduler, "chunked_prefill_size", 0) or 0)
 
 
@@ -52,55 +68,80 @@ def resident_slots(config, chunk: int) -> int:
     return peak_bound(config.budget, config.window, chunk)
 
 
-def _lifted(req) -> Optional[tuple]:
-    """(config, scheduler) when ``req`` is compressed chunk by chunk on a chunked-prefill server."""
+def _session(req) -> bool:
+    return bool(getattr(getattr(req, "session", None), "streaming", False))
+
+
+def why_not_lifted(req, config) -> Optional[str]:
+    """Why ``req`` (with ``config``) is not admitted on its chunked bound; None when it is."""
     scheduler = REGISTRY.scheduler
-    config = _config(req)
-    if scheduler is None or not is_chunked(config) or _chunk(scheduler) <= 0:
+    if scheduler is None or config is None:
+        return "no scheduler"
+    requested = getattr(req, _REQUESTED, req.sampling_params.max_new_tokens)
+    return not_chunkwise(config, chunk_size(scheduler), requested, _session(req))
+
+
+def lifted_config(req):
+    """The config of ``req`` when it is admitted on its chunked bound (``chunked.not_chunkwise``
+    says nothing against it, and it is not being aborted), else None."""
+    if getattr(req, "to_finish", None) is not None:
         return None
-    return config, scheduler
+    config = _config(req)
+    return config if why_not_lifted(req, config) is None else None
 
 
 def around_validate_input_length(original, req, max_req_input_len, allow_auto_truncate, *args, **kwargs):
-    """The pool part of the length limit, lifted for chunked compression; the hint otherwise."""
+    """The pool part of the length limit, lifted for chunked compression; why not, otherwise."""
     scheduler = REGISTRY.scheduler
     n = len(req.origin_input_ids)
     if scheduler is None or n < max_req_input_len:
         return original(req, max_req_input_len, allow_auto_truncate, *args, **kwargs)
     context_limit = int(scheduler.model_config.context_len) - _RESERVE
-    lifted = _lifted(req)
-    if lifted is not None:
-        config, _ = lifted
+    config = lifted_config(req)
+    if config is not None:
         if n >= context_limit:
             return original(req, context_limit, allow_auto_truncate, *args, **kwargs)
-        need = resident_slots(config, _chunk(scheduler)) + 1
+        need = resident_slots(config, chunk_size(scheduler)) + _MARGIN + 1
         pool = int(scheduler.max_total_num_tokens)
-        if need >= pool:
+        if need > pool:
             return (f"Input length ({n} tokens) exceeds the KV pool ({pool} tokens), and compression during chunked "
                     f"prefill needs {need} slots of it (kv_budget {config.budget} + kv_window {config.window} + "
-                    f"--chunked-prefill-size {_chunk(scheduler)} + 1): use a smaller budget or a larger pool.")
+                    f"--chunked-prefill-size {chunk_size(scheduler)} + 1, and one output token with its margin): "
+                    "use a smaller budget or a larger pool.")
         return None
     error = original(req, max_req_input_len, allow_auto_truncate, *args, **kwargs)
     config = _config(req)
-    if error and config is not None and config.enabled and n < context_limit and _chunk(scheduler) > 0:
+    if not error or config is None or not config.enabled or n >= context_limit or chunk_size(scheduler) <= 0:
+        return error
+    if is_chunked(config):
+        return error + f" Compression during chunked prefill cannot serve it: {why_not_lifted(req, config)}."
+    if why_not_lifted(req, dataclasses.replace(config, prefill_compression="chunked")) is None:
         error += (" Under KV compression, \"kv_prefill_compression\": \"chunked\" (or --kv-prefill-compression "
                   "chunked) would serve it: the prompt is compressed chunk by chunk and never held whole.")
     return error
 
 
 def around_init_req_max_new_tokens(original, self, req, *args, **kwargs):
-    """The output bound of a lifted request: the context length, and what the pool holds beside
-    the request's own slots; SGLang's otherwise."""
-    lifted = _lifted(req)
+    """The output bound of a lifted request: the context length, ``SGLANG_MAX_NEW_TOKENS_LIMIT``,
+    and what the pool holds beside the request's bound; SGLang's otherwise."""
+    try:
+        setattr(req, _REQUESTED, req.sampling_params.max_new_tokens)
+    except AttributeError:
+        pass
+    config = lifted_config(req)
     n = len(req.origin_input_ids)
-    if lifted is None or n < int(self.max_req_input_len):
+    if config is None or n < int(self.max_req_input_len):
         return original(self, req, *args, **kwargs)
-    config, _ = lifted
     requested = req.sampling_params.max_new_tokens
     requested = (1 << 30) if requested is None else int(requested)
-    room = int(self.max_total_num_tokens) - resident_slots(config, _chunk(self)) - 2
+    limit = getattr(self, "max_new_tokens_limit", None)
+    if limit is not None and limit > 0:
+        requested = min(requested, int(limit))
+    room = int(self.max_total_num_tokens) - resident_slots(config, chunk_size(self)) - _MARGIN
     bound = min(requested, int(self.model_config.context_len) - n - 1, room)
-    req.sampling_params.max_new_tokens = max(0, bound)
+    # at least one token while one was asked for: the request stays lifted, and validation refuses
+    # it by name when the pool cannot hold its bound
+    req.sampling_params.max_new_tokens = max(min(requested, 1), bound)
     if req.sampling_params.min_new_tokens > req.sampling_params.max_new_tokens:
         req.sampling_params.min_new_tokens = req.sampling_params.max_new_tokens
 
@@ -113,23 +154,77 @@ def _held(req) -> int:
     return state.kept_slots if state is not None and state.kv is req.kv else 0
 
 
+def _cap_prefix(req, total: int) -> bool:
+    """A fresh request whose matched radix prefix ``P`` (locked while it is admitted, so not
+    evictable) leaves less of the pool than ``total`` needs beside it could never be admitted:
+    cap its match to what fits (0 at worst) for the next round; the rest of the prefix is then
+    prefilled as its own. True when capped (this round admits nothing for it)."""
+    if req.kv.holds_kv:
+        return False  # a session's or parked conversation's row: its prefix is held already
+    P = int(getattr(req, "prefix_len", 0) or 0)
+    pool = int(REGISTRY.scheduler.max_total_num_tokens)
+    if P <= 0 or P + total + _MARGIN <= pool:
+        return False
+    cap = max(0, pool - total - _MARGIN)
+    setattr(req, _PREFIX_CAP, min(cap, int(getattr(req, _PREFIX_CAP, cap))))
+    logger.info("lava-sglang: request %s: its %d-token radix match and its chunked bound (%d slots with its output "
+                "reserve) do not fit the %d-slot pool together; the match is capped at %d tokens and the rest is "
+                "prefilled", req.rid, P, total, pool, cap)
+    return True
+
+
 def around_check_prefill_budget(original, self, req, *args, total_tokens=None, extend_input_len=None, **kwargs):
     """Admission of a chunked request on what one chunk needs: its extend and total tokens are
     capped at the chunk, the budget, the window and its output reserve, less what its row holds
-    already."""
-    lifted = _lifted(req)
-    if lifted is not None and total_tokens is not None and extend_input_len is not None:
-        config, scheduler = lifted
-        chunk = _chunk(scheduler)
+    already, beside its matched prefix."""
+    config = lifted_config(req)
+    if config is not None and total_tokens is not None and extend_input_len is not None:
+        chunk = chunk_size(REGISTRY.scheduler)
         if extend_input_len > chunk:
             reserve = max(0, total_tokens - extend_input_len)  # output reserve and SGLang's overheads
             need = max(chunk, resident_slots(config, chunk) - _held(req))
             total_tokens = min(total_tokens, need + reserve)
+            if _cap_prefix(req, total_tokens):
+                return False, None
     return original(self, req, *args, total_tokens=total_tokens, extend_input_len=extend_input_len, **kwargs)
+
+
+def around_compute_max_prefix_len(original, self, *args, **kwargs):
+    """``Req._compute_max_prefix_len``: at most the cap ``_cap_prefix`` set."""
+    result = original(self, *args, **kwargs)
+    cap = getattr(self, _PREFIX_CAP, None)
+    return result if cap is None else min(result, cap)
+
+
+def around_add_one_req(original, self, req, *args, **kwargs):
+    """``PrefillAdder.add_one_req``: without a radix cache SGLang admits ``ignore_eos`` requests
+    through ``add_one_req_ignore_eos``, which counts the whole prompt and skips the budget check
+    above; a lifted request takes the ordinary path (its reserve counts its whole output)."""
+    sp = req.sampling_params
+    if not (sp.ignore_eos and getattr(self.tree_cache, "disable", True)) or lifted_config(req) is None:
+        return original(self, req, *args, **kwargs)
+    sp.ignore_eos = False
+    try:
+        return original(self, req, *args, **kwargs)
+    finally:
+        sp.ignore_eos = True
+
+
+def around_shortest_prefill_chunk_limit(original, self, chunked_req, *args, **kwargs):
+    """``SchedulePolicy.shortest_prefill_chunk_limit``: never below a lifted request's window (a
+    shorter chunk is not selected, ``chunked.chunk_target``, and the request would grow)."""
+    limit = original(self, chunked_req, *args, **kwargs)
+    if limit is None:
+        return None
+    config = lifted_config(chunked_req)
+    return limit if config is None else max(int(limit), config.window)
 
 
 HOOKS = [
     (VALIDATE, around_validate_input_length, "AROUND", True),
     (f"{SCHEDULER}.init_req_max_new_tokens", around_init_req_max_new_tokens, "AROUND", True),
     (f"{ADDER}._check_prefill_budget", around_check_prefill_budget, "AROUND", True),
+    (f"{ADDER}.add_one_req", around_add_one_req, "AROUND", True),
+    (f"{POLICY}.shortest_prefill_chunk_limit", around_shortest_prefill_chunk_limit, "AROUND", True),
+    (f"{REQ}._compute_max_prefix_len", around_compute_max_prefix_len, "AROUND", True),
 ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 
 from lava_sglang.engine.accounting import after_release, session_records
+from lava_sglang.engine.long_prompts import lifted_config
 from lava_sglang.engine.state import REGISTRY, owns
 
 logger = logging.getLogger("lava_sglang")
@@ -71,13 +72,14 @@ def around_release_kv_cache(original, req, tree_cache, *args, **kwargs):
     row, rid = req.kv.req_pool_idx, req.rid
     state = REGISTRY.compressed_for(row)
     if state is not None and owns(state, req) and _is_retraction(req):
-        if state.chunk_mid_prompt:
-            # Selected chunk by chunk: each chunk's keys were computed over the compressed history
-            # of the chunks before it, which a re-prefill does not reproduce (engine.chunked): it is
-            # compressed afresh, chunk by chunk, and no selection is replayed.
-            logger.warning("lava-sglang: request %s (compressed chunk by chunk) retracted; it is prefilled and "
-                           "compressed again chunk by chunk: its output may differ from a run without retraction",
-                           rid)
+        if state.chunk_mid_prompt or lifted_config(req) is not None:
+            # Selected chunk by chunk (each chunk's keys were computed over the compressed history of
+            # the chunks before it, which a re-prefill does not reproduce), or admitted on its
+            # chunked bound (a replay prefills prompt and output whole, which that bound does not
+            # cover): it is compressed afresh chunk by chunk, within its bound; nothing is replayed.
+            logger.warning("lava-sglang: request %s (compressed during chunked prefill) retracted; its re-prefill is "
+                           "compressed again chunk by chunk, not replayed: its output may differ from a run without "
+                           "retraction", rid)
         else:
             REGISTRY.remember_retracted(state)
             if state.turns > 1:

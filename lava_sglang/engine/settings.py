@@ -109,8 +109,19 @@ def refuse_to_start(message: str) -> None:
 # tokenizer-side checks (HTTP 400)
 # --------------------------------------------------------------------------------------------
 
+def check_custom_params(custom_params) -> None:
+    """``custom_params`` must be a JSON object (or absent): a string such as ``"kv_budget=64"``
+    would otherwise be ignored silently and the request served with the server's settings."""
+    if custom_params is not None and not isinstance(custom_params, dict):
+        raise ValueError(f"custom_params: must be a JSON object such as {{\"kv_budget\": 64}}, got "
+                         f"{type(custom_params).__name__} {str(custom_params)[:40]!r}")
+
+
 def after_sampling_params_verify(result, self, *args, **kwargs):
-    config = resolve(config_of(None), getattr(self, "custom_params", None))
+    server = config_of(None)
+    if server.enabled:
+        check_custom_params(getattr(self, "custom_params", None))
+    config = resolve(server, getattr(self, "custom_params", None))
     beam = getattr(self, "beam_width", None)
     if config.enabled and isinstance(beam, int) and beam > 1:
         raise ValueError(f"beam_width: beam search (beam_width {beam}) cannot run with KV compression "

@@ -1,0 +1,66 @@
+"""The chunked bound, enforced at run time.
+
+A request admitted on its chunked bound (``engine.long_prompts``) was let in on the promise that
+its private slots never exceed ``budget + chunk + window + 1`` (``chunked.peak_bound``); three of
+SGLang's safeguards were lifted on it. After every forward that ran a chunk of it and left more
+to come, this checks that the next chunk keeps the promise: the slots it holds past its shared
+prefix (after that chunk's selection, if any), plus the next chunk. If not (a selection that did
+not happen, chunks SGLang cut shorter than the window round after round), the request is
+aborted through SGLang's chunked-request abort path (``failures.abort``) with an error naming
+the bound, before the next chunk is allocated: SGLang would otherwise force that chunk ("a
+continuation must make progress") into a pool that cannot hold it, and the scheduler would die
+with every user's requests. No SGLang import at module level.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from lava_sglang.engine.chunked import next_chunk_overflow
+from lava_sglang.engine.failures import abort, aborting
+from lava_sglang.engine.long_prompts import chunk_size, lifted_config, resident_slots
+from lava_sglang.engine.state import REGISTRY, owns
+
+logger = logging.getLogger("lava_sglang")
+
+TOTALS = {"bound_aborts": 0}
+
+
+def private_slots(req, chunk_hi: int) -> int:
+    """The slots ``req``'s row owns past its shared prefix once ``chunk_hi`` tokens are in it."""
+    row = int(req.kv.req_pool_idx)
+    state = REGISTRY.compressed.get(row)
+    if state is not None and owns(state, req):
+        return int(state.kept_slots) + max(0, chunk_hi - int(state.prompt_len))
+    pending = REGISTRY.pending.get(row)
+    P = pending.prefix_len if pending is not None and owns(pending, req) else int(req.kv.cache_protected_len)
+    return chunk_hi - int(P)
+
+
+def after_chunk(batch) -> None:
+    """After an extend forward: the request SGLang is prefilling chunk by chunk (at most one per
+    batch) is aborted when its next chunk would take it past its bound."""
+    scheduler = REGISTRY.scheduler
+    req = getattr(scheduler, "chunked_req", None) if scheduler is not None else None
+    if req is None or req.kv.req_pool_idx is None or aborting(req):
+        return
+    index = next((i for i, r in enumerate(batch.reqs) if r is req), None)
+    if index is None:
+        return
+    config = lifted_config(req)
+    if config is None:
+        return
+    chunk = chunk_size(scheduler)
+    chunk_hi = int(batch.prefix_lens[index]) + int(batch.extend_lens[index])
+    held = private_slots(req, chunk_hi)
+    bound = resident_slots(config, chunk)
+    remaining = len(req.full_untruncated_fill_ids) - chunk_hi
+    if not next_chunk_overflow(bound, held, chunk, remaining):
+        return
+    message = (f"lava-sglang: request {req.rid} was admitted on its chunked prefill bound of {bound} KV slots "
+               f"(kv_budget {config.budget} + --chunked-prefill-size {chunk} + kv_window {config.window} + 1), and "
+               f"its next chunk would exceed it: it holds {held} private slots after {chunk_hi} of "
+               f"{chunk_hi + remaining} tokens; aborted")
+    if abort(req, message):
+        TOTALS["bound_aborts"] += 1
+        logger.error(message)

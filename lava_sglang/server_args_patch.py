@@ -7,7 +7,7 @@ config as the bookkeeping attribute ``_lava_kv_config`` (``ServerArgs.__reduce__
 ``__dict__`` to the scheduler process) and in the environment variable ``LAVA_SGLANG_KV_CONFIG``
 (inherited by spawned processes, and the way to configure ``sglang.Engine(...)`` in Python), and
 switches off the SGLang features compression cannot run with yet but the user did not ask for
-explicitly (decode CUDA graphs, mixed chunk), logging that it did.
+explicitly (decode and prefill CUDA graphs, mixed chunk), logging that it did.
 """
 
 from __future__ import annotations
@@ -123,12 +123,21 @@ def after_from_cli_args(server_args, cls, args, *rest, **kwargs):
 def adjust_server_args(server_args, config: CompressionConfig) -> None:
     """Turn off what compression cannot run with yet, where the user did not ask for it explicitly.
 
-    Settings the user did ask for (a decode CUDA-graph backend, tensor parallelism, ...) are
-    refused at scheduler start by ``lava_sglang.engine.startup_checks``.
+    CUDA graphs: on replay only the captured kernels run, not the Python ``RadixAttention.forward``
+    the plugin wraps, so a graph would silently bypass compression. SGLang 0.5.23 captures decode
+    graphs by default and, on CUDA, a breakable prefill graph (``default_prefill_backend``).
+    Settings the user did ask for (``--cuda-graph-backend-decode``/``-prefill``, a
+    ``--cuda-graph-config`` JSON, tensor parallelism, ...) are refused at scheduler start by
+    ``lava_sglang.engine.startup_checks``.
     """
     if getattr(server_args, "cuda_graph_backend_decode", None) is None and not getattr(server_args, "disable_decode_cuda_graph", False):
         server_args.disable_decode_cuda_graph = True
-        logger.info("lava-sglang: --kv-policy %s: decode CUDA graphs disabled (compressed decode runs eagerly in v1)", config.policy)
+        logger.info("lava-sglang: --kv-policy %s: decode CUDA graphs disabled (decode over compressed caches runs eagerly)",
+                    config.policy)
+    if getattr(server_args, "cuda_graph_backend_prefill", None) is None and not getattr(server_args, "disable_prefill_cuda_graph", False):
+        server_args.disable_prefill_cuda_graph = True
+        logger.info("lava-sglang: --kv-policy %s: prefill CUDA graph disabled (prefill runs eagerly, so the plugin "
+                    "sees every layer's attention)", config.policy)
     if getattr(server_args, "enable_mixed_chunk", False):
         server_args.enable_mixed_chunk = False
-        logger.warning("lava-sglang: --kv-policy %s: --enable-mixed-chunk turned off (not supported with compression in v1)", config.policy)
+        logger.warning("lava-sglang: --kv-policy %s: --enable-mixed-chunk turned off (not supported with compression)", config.policy)

@@ -1,6 +1,8 @@
 """Scheduler start and what it shows: refuse, with one line, settings compression cannot run
-with (``engine.startup_checks``); the settings in ``/server_info``; the live compression state
-in ``/server_info`` -> ``internal_states[i]["kv_compression"]``. No SGLang import at module level.
+with (``engine.startup_checks``); once the rank's device and KV pool exist, the kernel self-check
+and warm-up (``kernels.selfcheck``); the settings and the kernel back-ends in ``/server_info``
+(``kv_compression``, ``kv_kernels``); the live compression state in ``/server_info`` ->
+``internal_states[i]["kv_compression"]``. No SGLang import at module level.
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ from lava_sglang.engine.accounting import snapshot
 from lava_sglang.engine.settings import refuse_to_start, set_server_config
 from lava_sglang.engine.startup_checks import unsupported_settings
 from lava_sglang.engine.state import REGISTRY
+from lava_sglang.kernels.selfcheck import SelfCheckError, startup_report
 from lava_sglang.server_args_patch import config_of
 
 logger = logging.getLogger("lava_sglang")
 
 META_KEY = "kv_compression"
+KERNELS_KEY = "kv_kernels"
+KERNELS_ATTR = "_lava_kv_kernels"
 SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
 INTERNAL_STATE = "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController"
 
@@ -42,9 +47,33 @@ def before_scheduler_init(self, server_args, *args, **kwargs):
     return None
 
 
+def after_scheduler_init(result, self, server_args, *args, **kwargs):
+    """With compression on: check the GPU kernel back-ends, falling back from the ones that fail
+    (and compiling them: the warm-up), now that the model runner has selected this rank's device
+    and the KV pool's dtype is known; the outcome goes to ``/server_info`` -> ``kv_kernels``."""
+    if not config_of(server_args).enabled:
+        return None
+    try:  # the pool is SGLang's MHA pool in one allocation (engine.pool_alloc refuses any other)
+        k = self.token_to_kv_pool_allocator.get_kvcache().k_buffer[0]  # [slots, Hkv, D]
+        group = max(1, self.model_config.get_num_attention_heads(getattr(self, "tp_size", 1) or 1) // int(k.shape[1]))
+    except Exception as exc:  # a report is not worth a failed start: say that nothing was checked
+        logger.warning("lava-sglang: kernel self-check skipped (KV pool shape unknown: %r)", exc)
+        setattr(self, KERNELS_ATTR, {"selfcheck": f"skipped (KV pool shape unknown: {exc!r})"})
+        return None
+    try:
+        setattr(self, KERNELS_ATTR, startup_report(k.device, k.dtype, head_dim=int(k.shape[-1]), group_size=group))
+    except SelfCheckError as exc:
+        refuse_to_start(str(exc))
+    return None
+
+
 def after_get_init_info(result, self, *args, **kwargs):
-    """Expose the compression settings in the scheduler's info (merged into ``/server_info``)."""
+    """Expose the compression settings and, with compression on, the kernel back-ends in use in
+    the scheduler's info (merged into ``/server_info``)."""
     result[META_KEY] = config_of(self.server_args).to_dict()
+    kernels = getattr(self, KERNELS_ATTR, None)
+    if kernels is not None:
+        result[KERNELS_KEY] = kernels
     return result
 
 
@@ -58,6 +87,7 @@ def after_get_internal_state(result, self, *args, **kwargs):
 
 HOOKS = [
     (f"{SCHEDULER}.__init__", before_scheduler_init, "BEFORE", False),
+    (f"{SCHEDULER}.__init__", after_scheduler_init, "AFTER", False),
     (f"{SCHEDULER}.get_init_info", after_get_init_info, "AFTER", False),
     (f"{INTERNAL_STATE}.get_internal_state", after_get_internal_state, "AFTER", False),
 ]

@@ -1,4 +1,4 @@
-"""Settings compression cannot run with in v1, checked in the scheduler on the resolved config."""
+"""Settings compression cannot run with, checked in the scheduler on the resolved config."""
 
 from __future__ import annotations
 
@@ -25,9 +25,15 @@ def unsupported_settings(cfg: Any) -> list[str]:
         problems.append("hierarchical cache (--enable-hierarchical-cache)")
     if getattr(cfg, "enable_mixed_chunk", False):
         problems.append("mixed chunk (--enable-mixed-chunk)")
+    # CUDA graphs: a replay runs the captured kernels, not the attention the plugin wraps. The
+    # plugin turns both phases off unless asked (server_args_patch.adjust_server_args); what is
+    # still on here was asked for explicitly.
     graphs = getattr(cfg, "cuda_graph_config", None)
-    decode = getattr(graphs, "decode", None)
-    backend = _value(getattr(decode, "backend", "disabled"))
-    if backend not in (None, "disabled") and getattr(cfg, "device", "cuda") not in ("cpu",):
-        problems.append(f"decode CUDA graphs (backend {backend}; pass --disable-decode-cuda-graph or leave it to the plugin)")
+    if getattr(cfg, "device", "cuda") not in ("cpu",):
+        for phase in ("decode", "prefill"):
+            backend = _value(getattr(getattr(graphs, phase, None), "backend", "disabled"))
+            if backend not in (None, "disabled"):
+                problems.append(f"{phase} CUDA graphs (backend {backend}, asked for explicitly; a graph replay would "
+                                f"bypass compression: drop --cuda-graph-backend-{phase} / the --cuda-graph-config "
+                                f"entry, or pass --disable-{phase}-cuda-graph)")
     return problems

@@ -27,8 +27,14 @@ retract), then runs ``--concurrency`` client threads for ``--seconds``. Each req
   pool's input limit may be refused with a 400: counted (``rejected_too_long``), not an error.
 
 Server configurations: ``--max-running N`` (few request rows and a large ``--pool``: rows run
-out before tokens, parked conversations must give their rows back), ``--lpm``
-(``--schedule-policy lpm``).
+out before tokens, parked conversations must give their rows back), ``--schedule-policy P``
+(any of SGLang's queue orders), ``--priority-scheduling`` (requests draw priorities),
+``--disable-radix-cache``.
+
+Chunked requests at the edge of the admission rule (``engine.long_prompts``): for a share of
+the chunked requests, a prefix primer (``max_new_tokens: 0``), a ``kv_min_prompt_len`` or a
+``kv_window`` near the chunk size. Beyond the pool, those that would not be selected chunk by
+chunk must get a 400 (``rejected_expected``), the others must be served.
 
 Stall check: no client may wait longer than ``--max-wait`` seconds for its request; the first
 times one does, the scheduler's stacks (``py-spy dump``) go into the result and the run fails.
@@ -46,7 +52,9 @@ to ``benchmarks/results/soak/soak-<time>.json``; the exit status is 0 only when 
     python -m benchmarks.soak --seconds 300                                 # CI default: 5 minutes
     python -m benchmarks.soak --seconds 1800                                # the long run
     python -m benchmarks.soak --seconds 600 --max-running 4 --pool 60000    # rows run out first
-    python -m benchmarks.soak --seconds 600 --lpm
+    python -m benchmarks.soak --seconds 600 --schedule-policy lpm
+    python -m benchmarks.soak --seconds 600 --schedule-policy lof --priority-scheduling
+    python -m benchmarks.soak --seconds 600 --disable-radix-cache
 """
 
 from __future__ import annotations
@@ -69,6 +77,7 @@ from benchmarks.soak_safety import StallWatch
 
 RESULTS = Path(__file__).resolve().parent / "results" / "soak"
 SERVER_ENV = {"LAVA_SGLANG_DEBUG": "1", "SGLANG_REQUEST_STATE_WAIT_TIMEOUT": "1"}
+SCHEDULE_POLICIES = ("fcfs", "lpm", "lof", "random", "dfs-weight", "hrrn", "shortest-prefill-first")
 
 
 def parse_args(argv=None):
@@ -89,7 +98,12 @@ def parse_args(argv=None):
     p.add_argument("--max-running", type=int, default=0,
                    help="server --max-running-requests (0: SGLang's default); small with a large --pool: rows run "
                         "out before tokens")
-    p.add_argument("--lpm", action="store_true", help="server --schedule-policy lpm")
+    p.add_argument("--schedule-policy", default="fcfs", choices=SCHEDULE_POLICIES,
+                   help="server --schedule-policy (SGLang sorts its waiting queue by it at every round)")
+    p.add_argument("--priority-scheduling", action="store_true",
+                   help="server --enable-priority-scheduling (with fcfs or lof); requests draw a priority 0-3")
+    p.add_argument("--disable-radix-cache", action="store_true",
+                   help="server --disable-radix-cache (SGLang admits ignore_eos requests through its own path)")
     p.add_argument("--logprob-share", type=float, default=0.1,
                    help="share of single requests and resend turns asking for prompt logprobs")
     p.add_argument("--max-wait", type=float, default=240.0,
@@ -114,15 +128,18 @@ def server_flags(args) -> list[str]:
              "--chunked-prefill-size", str(args.chunk), "--log-level", "info", "--enable-streaming-session"]
     if args.max_running:
         flags += ["--max-running-requests", str(args.max_running)]
-    if args.lpm:
-        flags += ["--schedule-policy", "lpm"]
+    flags += ["--schedule-policy", args.schedule_policy]
+    if args.priority_scheduling:
+        flags += ["--enable-priority-scheduling"]
+    if args.disable_radix_cache:
+        flags += ["--disable-radix-cache"]
     return flags
 
 
 SUMMARY = ("ok", "elapsed_seconds", "requests_sent", "requests_completed", "requests_aborted_by_client",
            "requests_retracted", "retractions", "requests_compressed", "requests_chunked", "requests_beyond_pool", "sessions", "session_turns",
            "session_turns_continued", "resend_conversations", "resend_turns", "resend_turns_continued",
-           "resend_turns_continued_same_rid", "rejected_400", "rejected_too_long", "exact_checks", "exact_mismatches",
+           "resend_turns_continued_same_rid", "rejected_400", "rejected_too_long", "requests_edge", "rejected_expected", "exact_checks", "exact_mismatches",
            "retraction_checks", "retraction_mismatches", "errors", "incomplete", "stalled_requests", "max_waited_s",
            "leaked_slots", "tree_protected_tokens", "log_errors")
 
@@ -188,6 +205,8 @@ def main(argv=None) -> int:
         "requests_beyond_pool": c.get("kind_beyond_pool", 0),
         "rejected_400": c.get("rejected_400", 0),
         "rejected_too_long": c.get("rejected_too_long", 0),
+        "requests_edge": c.get("edge", 0),
+        "rejected_expected": c.get("rejected_expected", 0),
         "exact_checks": c.get("exact_checks", 0),
         "exact_mismatches": len(s.mismatches) - c.get("retraction_mismatches", 0),
         "retraction_checks": c.get("retraction_checks", 0),

@@ -87,6 +87,8 @@ class Soak:
     def sampling(self, rng, custom=None):
         sp = {"max_new_tokens": rng.randint(1, self.args.max_new), "temperature": 0.0,
               "ignore_eos": rng.random() < 0.5}
+        if custom and custom.pop("kv_primer", False):
+            sp["max_new_tokens"] = 0
         if custom:
             sp["custom_params"] = custom
         return sp
@@ -100,7 +102,30 @@ class Soak:
             custom["kv_budget"] = rng.choice([48, 64, 96, 128, 256])
         if custom["kv_policy"] != "none" and rng.random() < self.args.chunked_share:
             custom["kv_prefill_compression"] = "chunked"  # compressed during chunked prefill
+            if rng.random() < 0.3:
+                self.edge_settings(rng, custom)
         return custom
+
+    def edge_settings(self, rng, custom) -> None:
+        """Settings at the edge of the admission rule (``chunked.not_chunkwise``): a window or a
+        minimum prompt length just under, at or over the chunk, or (``kv_primer``, taken out
+        by :meth:`sampling`) a prefix primer."""
+        chunk = self.args.chunk
+        what = rng.choice(["window", "min_prompt_len", "primer"])
+        if what == "window":
+            custom["kv_window"] = rng.choice([chunk - 1, chunk, chunk + 1])
+            custom["kv_budget"] = custom["kv_window"] + rng.choice([1, 64])
+        elif what == "min_prompt_len":
+            custom["kv_min_prompt_len"] = rng.choice([chunk - 1, chunk, chunk + 1, 2 * chunk])
+        else:
+            custom["kv_primer"] = True
+
+    def refused_beyond_pool(self, custom, sp) -> bool:
+        """Whether a prompt longer than the pool with these settings must be refused: it would not
+        be selected after every full chunk."""
+        chunk = self.args.chunk
+        return (sp["max_new_tokens"] == 0 or int(custom.get("kv_window", 32)) > chunk
+                or int(custom.get("kv_min_prompt_len", 0)) > chunk)
 
     def beyond_pool(self, rng, custom) -> list[int] | None:
         """A prompt longer than the pool, for a share of the chunked requests (served only because
@@ -131,11 +156,17 @@ class Soak:
             kind, ids = "beyond_pool", longer
         if (custom or {}).get("kv_prefill_compression"):
             self.stats.add("chunked")
+        edge = any(k in (custom or {}) for k in ("kv_window", "kv_min_prompt_len", "kv_primer"))
         sp = self.sampling(rng, custom)
-        stream = rng.random() < 0.5
-        abort = rng.random() < 0.12
+        expect_400 = longer is not None and self.refused_beyond_pool(custom, sp)
+        stream = rng.random() < 0.5 and not edge
+        abort = rng.random() < 0.12 and not edge
         payload = {"input_ids": ids, "sampling_params": sp, "stream": stream,
-                   **logprob_fields(rng, len(ids), self.args.logprob_share)}
+                   **({} if edge else logprob_fields(rng, len(ids), self.args.logprob_share))}
+        if self.args.priority_scheduling:
+            payload["priority"] = rng.randint(0, 3)
+        if edge:
+            s.add("edge")
         s.add(f"kind_{kind}")
         s.add("streaming" if stream else "non_streaming")
         if "return_logprob" in payload:
@@ -160,8 +191,14 @@ class Soak:
                 if resp.status >= 500:
                     s.error(f"HTTP {resp.status}: {resp.read()[:300]!r}")
                     return
+                if resp.status == 400 and expect_400:
+                    s.add("rejected_expected")
+                    return
                 if resp.status != 200:
                     s.error(f"unexpected HTTP {resp.status} for a valid request: {resp.read()[:300]!r}")
+                    return
+                if expect_400:
+                    s.error(f"served a prompt longer than the pool that must be refused: {custom} {sp}")
                     return
                 if stream:
                     last = None
@@ -192,7 +229,7 @@ class Soak:
         meta = out["meta_info"]
         finish = (meta.get("finish_reason") or {}).get("type")
         n = meta.get("completion_tokens")
-        ok = finish in ("length", "stop") and n is not None and 1 <= n <= sp["max_new_tokens"]
+        ok = finish in ("length", "stop") and n is not None and min(1, sp["max_new_tokens"]) <= n <= sp["max_new_tokens"]
         if sp.get("ignore_eos"):
             ok = ok and finish == "length" and n == sp["max_new_tokens"]
         if not ok:

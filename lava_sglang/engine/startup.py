@@ -12,7 +12,7 @@ import logging
 from lava_sglang.engine import metrics
 from lava_sglang.engine.accounting import snapshot
 from lava_sglang.engine.settings import refuse_to_start, set_server_config
-from lava_sglang.engine.startup_checks import unsupported_settings
+from lava_sglang.engine.startup_checks import attention_layers, unsupported_model, unsupported_settings
 from lava_sglang.engine.state import REGISTRY
 from lava_sglang.kernels.selfcheck import SelfCheckError, startup_report
 from lava_sglang.server_args_patch import config_of
@@ -48,11 +48,19 @@ def before_scheduler_init(self, server_args, *args, **kwargs):
 
 
 def after_scheduler_init(result, self, server_args, *args, **kwargs):
-    """With compression on: check the GPU kernel back-ends, falling back from the ones that fail
+    """With compression on: refuse a model whose attention the compressed path cannot reproduce
+    (``startup_checks.unsupported_model``: soft-capping, sliding windows, a hybrid SWA pool); then
+    check the GPU kernel back-ends, falling back from the ones that fail
     (and compiling them: the warm-up), now that the model runner has selected this rank's device
     and the KV pool's dtype is known; the outcome goes to ``/server_info`` -> ``kv_kernels``."""
-    if not config_of(server_args).enabled:
+    config = config_of(server_args)
+    if not config.enabled:
         return None
+    model = getattr(getattr(getattr(self, "tp_worker", None), "model_runner", None), "model", None)
+    problems = unsupported_model(attention_layers(model) if model is not None else [],
+                                 bool(getattr(getattr(self, "model_config", None), "is_hybrid_swa", False)))
+    if problems:
+        refuse_to_start(f"lava-sglang: --kv-policy {config.policy} cannot run with: " + "; ".join(problems))
     try:  # the pool is SGLang's MHA pool in one allocation (engine.pool_alloc refuses any other)
         k = self.token_to_kv_pool_allocator.get_kvcache().k_buffer[0]  # [slots, Hkv, D]
         group = max(1, self.model_config.get_num_attention_heads(getattr(self, "tp_size", 1) or 1) // int(k.shape[1]))

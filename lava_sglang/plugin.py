@@ -28,6 +28,7 @@ def hook_specs():
     specs = [
         ("sglang.srt.server_args.ServerArgs.add_cli_args", server_args_patch.after_add_cli_args, "AFTER", False),
         ("sglang.srt.server_args.ServerArgs.from_cli_args", server_args_patch.after_from_cli_args, "AFTER", False),
+        ("sglang.srt.server_args.ServerArgs.resolve_once", server_args_patch.before_resolve_once, "BEFORE", False),
     ]
     specs.extend(engine_hooks.hook_specs())
     return specs

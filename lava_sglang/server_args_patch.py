@@ -5,7 +5,8 @@ an AFTER hook on ``ServerArgs.add_cli_args``; an AFTER hook on ``ServerArgs.from
 validates them (exit status 2 with a message naming the flag, as argparse does), stores the
 config as the bookkeeping attribute ``_lava_kv_config`` (``ServerArgs.__reduce__`` carries
 ``__dict__`` to the scheduler process) and in the environment variable ``LAVA_SGLANG_KV_CONFIG``
-(inherited by spawned processes, and the way to configure ``sglang.Engine(...)`` in Python), and
+(inherited by spawned processes, and the way to configure ``sglang.Engine(...)`` in Python: an
+BEFORE hook on ``ServerArgs.resolve_once`` reads it for a ServerArgs built without the CLI), and
 switches off the SGLang features compression cannot run with yet but the user did not ask for
 explicitly (decode and prefill CUDA graphs, mixed chunk), logging that it did.
 """
@@ -118,6 +119,22 @@ def after_from_cli_args(server_args, cls, args, *rest, **kwargs):
     if config.enabled:
         adjust_server_args(server_args, config)
     return server_args
+
+
+def before_resolve_once(server_args, *args, **kwargs):
+    """``ServerArgs.resolve_once`` (every launcher calls it before it starts anything): a
+    ServerArgs built without the CLI (offline ``sglang.Engine(...)``,
+    ``lava_sglang.offline.Engine``) takes its compression settings from ``LAVA_SGLANG_KV_CONFIG``
+    and gets the same adjustments as the CLI's (``after_from_cli_args`` made them already for a
+    CLI one). ``__post_init__`` cannot be hooked: msgspec calls the one the class was built with."""
+    if getattr(server_args, ATTR, None) is not None or getattr(server_args, "_resolution_finished", False) \
+            or not os.environ.get(ENV_VAR):
+        return None
+    config = config_of(None)
+    setattr(server_args, ATTR, json.dumps(dataclasses.asdict(config)))
+    if config.enabled:
+        adjust_server_args(server_args, config)
+    return None
 
 
 def adjust_server_args(server_args, config: CompressionConfig) -> None:

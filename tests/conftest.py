@@ -28,7 +28,7 @@ BASE_FLAGS = ("--max-total-tokens", "24576", "--log-level", "info", "--sleep-on-
 # The plugin's debug invariants, and a client that went away noticed within a second.
 DEBUG_ENV = {"LAVA_SGLANG_DEBUG": "1", "SGLANG_REQUEST_STATE_WAIT_TIMEOUT": "1"}
 # Fault injection (engine/failures.py) for the safety tests' "lava-fault-*" requests; inert otherwise.
-FAULT_ENV = {"LAVA_SGLANG_FAULT": "compress,reselect,layout"}
+FAULT_ENV = {"LAVA_SGLANG_FAULT": "compress,reselect,layout,attention"}
 # Streaming sessions on, prefill in 256-token chunks, a 16k-token pool.
 SESSION_FLAGS = ("--enable-streaming-session", "--chunked-prefill-size", "256", "--max-total-tokens", "16384")
 

@@ -274,6 +274,33 @@ def test_case4_fault_in_compression_fails_only_its_request(servers, tokenizer, c
     assert_survives(server)
 
 
+def test_case4_kernel_error_in_decode_fails_only_its_request(servers, tokenizer, corpus):
+    """The attention over a compressed layout raises inside a layer while a ``lava-fault-attention``
+    request decodes (a kernel error at a user's GPU) beside an uncompressed one (its prompt fits
+    the budget). A kernel error belongs to the batch, not to one request: the compressed requests
+    of that decode batch fail with an error naming the stage; the forward finishes with SGLang's
+    own backend, which serves the uncompressed request in full; the server survives, nothing leaks."""
+    server = main_server(servers)
+    results = {}
+
+    def run(name, ids, rid, n):
+        results[name] = generate(server, ids, max_new_tokens=n, rid=rid, timeout=300)
+
+    threads = [threading.Thread(target=run, args=("normal", ids_of(tokenizer, corpus, 100, 26401), None, 24)),
+               threading.Thread(target=run, args=("fault", ids_of(tokenizer, corpus, 600, 26402),
+                                                  "lava-fault-attention-1", 8))]
+    for t in threads:
+        t.start()
+        time.sleep(0.3)
+    for t in threads:
+        t.join(400)
+    err = error_of(results["fault"])
+    assert err and "(attention)" in err, ("the faulty request succeeded", str(results["fault"])[:300])
+    out = ok(results["normal"])
+    assert len(out["output_ids"]) == 24 and report(out) is None, out["meta_info"]
+    assert_survives(server)
+
+
 def test_case4_fault_in_continued_turn_fails_only_its_request(servers, tokenizer, corpus):
     """A parked conversation's next turn sent as a ``lava-fault-`` request fails in re-selection
     (or layout building) with an error naming lava-sglang; the same turn sent again normally is

@@ -8,7 +8,11 @@ finish: choosing and planning a request's part of an extend forward, scoring and
 cells, building a decode plan. Packing (moving the kept vectors and freeing the rest) runs only
 after selection succeeded and is not guarded: it cannot be undone half-way.
 
-Fault injection, for tests: ``LAVA_SGLANG_FAULT=compress,reselect,layout`` (any subset) makes
+An exception inside a layer's attention over a compressed layout (a kernel error) fails the
+requests read over a layout, and the forward finishes with SGLang's own backend
+(``engine.forward``).
+
+Fault injection, for tests: ``LAVA_SGLANG_FAULT=compress,reselect,layout,decode,attention`` (any subset) makes
 those stages raise for requests whose rid starts with ``lava-fault-`` (only the stages the rid
 names, when it names any: ``lava-fault-reselect-1``). No SGLang import at
 module level.
@@ -26,7 +30,7 @@ logger = logging.getLogger("lava_sglang")
 
 FAULT_ENV = "LAVA_SGLANG_FAULT"
 FAULT_RID_PREFIX = "lava-fault-"
-STAGES = ("compress", "reselect", "layout", "decode")
+STAGES = ("compress", "reselect", "layout", "decode", "attention")
 
 TOTALS = {"failed_requests": 0}
 

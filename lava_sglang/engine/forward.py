@@ -3,7 +3,10 @@
 without a compressed request, run exactly as in SGLang. Otherwise a step object
 (``engine.steps``) says what the attention hook does: capture window queries, attend over a
 compressed layout (``engine.layout.attend``: the one path for decode, extend and replay), copy
-back a rewound turn's original vectors. No SGLang import at module level.
+back a rewound turn's original vectors. An exception inside the attention hook (a kernel or
+layout error) fails the requests that read over a compressed layout, and the forward goes on
+with SGLang's own backend for everyone else: never the scheduler. No SGLang import at module
+level.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import time
 
 from lava_sglang.engine.cells import pool_cells
 from lava_sglang.engine.decode import decode_attention
+from lava_sglang.engine.failures import armed, fail_request, inject
 from lava_sglang.engine.guard import after_chunk
 from lava_sglang.engine.layout import attend, forget_decode_steps, save_kv
 from lava_sglang.engine.prefill import finish_extend, prepare_extend
@@ -50,6 +54,7 @@ def around_forward_batch_generation(original, self, batch=None, *args, **kwargs)
         result = original(self, batch, *args, **kwargs)
     else:
         step.kv_pool = pool
+        step.reqs = list(batch.reqs)
         _STEP = step
         started = time.perf_counter()
         try:
@@ -63,12 +68,34 @@ def around_forward_batch_generation(original, self, batch=None, *args, **kwargs)
 
 def around_radix_attention_forward(original, self, q, k, v, forward_batch, *args, **kwargs):
     step = _STEP
-    if step is None:
+    if step is None or getattr(step, "bypass", False):
         return original(self, q, k, v, forward_batch, *args, **kwargs)
+    try:
+        return _attention(original, self, q, k, v, forward_batch, step, *args, **kwargs)
+    except Exception as exc:  # a kernel or layout error: the requests read over a layout fail, not the scheduler
+        _fail_compressed(step, exc)
+        step.bypass = True  # this and the forward's later layers run the stock backend
+        return original(self, q, k, v, forward_batch, *args, **kwargs)
+
+
+def _fail_compressed(step, exc) -> None:
+    """Fail the requests of the forward whose attention runs over a compressed layout (or
+    replays one); the others are served by the stock backend, which reads their rows exactly."""
+    reqs = step.reqs if isinstance(step, DecodeStep) else getattr(step, "reqs", ())
+    for req in reqs:
+        row = req.kv.req_pool_idx
+        if row is not None and (REGISTRY.compressed_for(row) is not None or int(row) in REGISTRY.pending):
+            fail_request(req, "attention", exc)
+
+
+def _attention(original, self, q, k, v, forward_batch, step, *args, **kwargs):
     save_kv_cache = args[0] if args else kwargs.get("save_kv_cache", True)
     if isinstance(step, DecodeStep):
         if not forward_batch.forward_mode.is_decode():
             return original(self, q, k, v, forward_batch, *args, **kwargs)
+        for req in step.reqs if armed() else ():  # tests: a kernel error inside a layer
+            if REGISTRY.compressed_for(req.kv.req_pool_idx) is not None:
+                inject("attention", req)
         return decode_attention(self, q, k, v, forward_batch, save_kv_cache, step.plan_for(forward_batch, self),
                                 step.kv_pool)
     if step.whole_batch:

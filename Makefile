@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.lava-sglang-installed
 
-.PHONY: setup run test test-fast model clean
+.PHONY: setup run test test-fast gpu-check model clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,14 @@ test: setup
 # Engine-free tests only (seconds).
 test-fast: setup
 	$(PY) -m pytest -q -ra tests -m "not server"
+
+# The first-device check (benchmarks/gpu_check.py) on a CUDA machine: the GPU kernel tests, the
+# host-sync count, the start-up self-check and a Triton/FlashInfer decode timing, one summary.
+# Needs torch with CUDA, triton and pytest (FlashInfer optional), not SGLang: .venv's python when
+# there is one, else python3.
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	$(GPU_PY) -m benchmarks.gpu_check
 
 model: setup
 	$(PY) -m lava_sglang.models

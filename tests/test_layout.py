@@ -288,11 +288,16 @@ def test_kept_cells_are_reused_across_decode_steps_until_the_state_changes():
     assert mid3 is not mid1 and torch.equal(mid3, torch.cat(state.mid_cells)) and torch.equal(lens3[:, 0], state.mid_lens)
 
 
-def test_next_decode_step_appends_to_the_previous_lists_and_equals_a_full_build(monkeypatch):
+@pytest.mark.parametrize("per_layer", [False, True], ids=["all-layer lists", "per-layer lists"])
+def test_next_decode_step_appends_to_the_previous_lists_and_equals_a_full_build(monkeypatch, per_layer):
     """A decode plan of the batch the previous plan served, every request one token further,
-    appends the new tokens' cells to the previous all-layer lists; they equal a full build. A
-    changed batch, a skipped step, an extend forward in between or a changed state builds afresh."""
+    appends the new tokens' cells to the previous lists (all layers at once, or, above
+    ``ALL_LAYERS_MAX``, layer by layer); they equal a full build, and so do their host indptrs.
+    A changed batch, a skipped step, an extend forward in between or a changed state builds afresh."""
     import lava_sglang.engine.layout as LY
+
+    if per_layer:
+        monkeypatch.setattr(LY, "ALL_LAYERS_MAX", 0)
 
     pool, req_to_token, state, _, _ = compressed_row(extra=6)
     space = pool_cells(pool)
@@ -309,22 +314,24 @@ def test_next_decode_step_appends_to_the_previous_lists_and_equals_a_full_build(
         LY._DECODE_CSR.clear()
         out = [p.indices(lid) for lid in range(N_LAYERS)]
         LY._DECODE_CSR[:] = saved
-        return out
+        return out, p._host
 
     built = []
     monkeypatch.setattr(LY, "build_pair_indices", lambda *a, **k: built.append(1) or build_pair_indices(*a, **k))
     LY.forget_decode_steps()
     first = plan(30, L + 3)
-    first.indices(0)
-    assert len(built) == 1
+    for lid in range(N_LAYERS):
+        first.indices(lid)
+    assert len(built) == (N_LAYERS if per_layer else 1)
     for step in range(1, 4):  # three appended steps, no build
         p = plan(30 + step, L + 3 + step)
         n = len(built)
         got = [p.indices(lid) for lid in range(N_LAYERS)]
         assert len(built) == n, step
-        want = full(plan(30 + step, L + 3 + step))
-        for a, b in zip(got, want):
+        want, want_host = full(plan(30 + step, L + 3 + step))
+        for lid, (a, b) in enumerate(zip(got, want)):
             assert torch.equal(a.kv_indptr, b.kv_indptr) and torch.equal(a.kv_indices, b.kv_indices)
+            assert torch.equal(p._host[lid], want_host[lid]) and torch.equal(p._host[lid], b.kv_indptr)
     n = len(built)
     plan(30 + 5, L + 3 + 5).indices(0)  # a skipped step
     assert len(built) == n + 1

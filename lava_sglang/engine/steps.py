@@ -51,8 +51,7 @@ class DecodeStep:
 
     def plan_for(self, forward_batch, layer):
         if self.plan is None or self.plan_batch is not forward_batch:
-            rows = [int(r) for r in forward_batch.req_pool_indices.tolist()]
-            seq_lens = [int(n) for n in forward_batch.seq_lens.tolist()]
+            rows, seq_lens = host_rows_and_lens(forward_batch, self.reqs)
             space = pool_cells(self.kv_pool)
             try:
                 for req in self.reqs if armed() else ():  # the decode step's hot path skips this
@@ -66,3 +65,27 @@ class DecodeStep:
                 self.plan = decode_plan(Registry(), self.req_to_token, rows, seq_lens, space)
             self.plan_batch = forward_batch
         return self.plan
+
+
+def host_rows_and_lens(forward_batch, reqs) -> tuple[list, list]:
+    """The decode batch's ``req_to_token`` rows and sequence lengths, from host data: SGLang's
+    ``ForwardBatch`` carries ``seq_lens_cpu`` (and, for some modes, ``req_pool_indices_cpu``),
+    and its requests, in batch order, know their rows (``ScheduleBatch`` keeps ``reqs`` and
+    ``req_pool_indices`` aligned through filter and merge). The device tensors are read back (a
+    host sync each on a GPU) only when those are missing or do not cover the batch (e.g. rows
+    SGLang appended for beam members)."""
+    n = int(forward_batch.seq_lens.shape[0])
+    lens_cpu = getattr(forward_batch, "seq_lens_cpu", None)
+    if isinstance(lens_cpu, torch.Tensor) and lens_cpu.device.type == "cpu" and lens_cpu.shape[0] == n:
+        seq_lens = [int(x) for x in lens_cpu.tolist()]
+    else:
+        seq_lens = [int(x) for x in forward_batch.seq_lens.tolist()]
+    rows_cpu = getattr(forward_batch, "req_pool_indices_cpu", None)
+    req_rows = [getattr(getattr(r, "kv", None), "req_pool_idx", None) for r in reqs]
+    if isinstance(rows_cpu, torch.Tensor) and rows_cpu.device.type == "cpu" and rows_cpu.shape[0] == n:
+        rows = [int(x) for x in rows_cpu.tolist()]
+    elif len(req_rows) == n and all(r is not None for r in req_rows):
+        rows = [int(r) for r in req_rows]
+    else:
+        rows = [int(r) for r in forward_batch.req_pool_indices.tolist()]
+    return rows, seq_lens

@@ -29,7 +29,7 @@ Implementations of :func:`paged_decode_attention`:
   padded to at most about twice its length; fp32 accumulation. This is the CPU engine's decode path and the reference of the others.
 * ``"triton"``: split-K (flash-decoding) kernel plus a reduce kernel
   (:mod:`._triton_decode`).
-* ``"flashinfer"``: :mod:`.flashinfer_decode` (untested on hardware).
+* ``"flashinfer"``: :mod:`.flashinfer_decode` (untested on hardware; lists built int32).
 
 Engine-free: never imports SGLang.
 """
@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from .dispatch import resolve_impl
-from .pair_indices import PairIndices
+from .pair_indices import PairIndices, to_device
 from .threads import cpu_threads_for
 
 __all__ = [
@@ -198,9 +198,14 @@ class DecodePlan:
       go, the pad groups and their gathered cell ids; ``run`` gathers keys and values and does
       the two ``bmm`` (small work on one CPU thread, :mod:`.threads`);
     * triton: the split count and contiguous index tensors; ``run`` launches the two kernels;
-    * flashinfer: the lists only. Each layer has its own lists (its own kept cells), and a
-      FlashInfer plan serves one set of lists, so ``run`` plans FlashInfer's wrapper for its
-      layer and runs it (one host sync per layer, as before).
+    * flashinfer: the lists and their host indptrs. Each layer has its own lists (its own kept
+      cells), and a FlashInfer plan serves one set of lists, so ``run`` plans its layer's
+      wrapper (one per layer, :mod:`.flashinfer_decode`) from the host indptr and runs it.
+
+    ``host_indptr`` (``{layer: kv_indptr on the host}``, from the index builder that knows
+    every length there) spares the host read of the lengths: with it no implementation
+    waits for the GPU; without it torch reads every planned layer's lengths in one go and
+    FlashInfer each layer's indptr.
     """
 
     def __init__(self, device, head_dim: int, kv_dtype: torch.dtype | None = None, impl: str = "auto"):
@@ -209,21 +214,32 @@ class DecodePlan:
         self.impl = resolve_impl("decode", self.device, impl, dtype=kv_dtype)
         self.layers: dict = {}
 
-    def plan(self, layers: dict) -> "DecodePlan":
+    @property
+    def index_dtype(self) -> torch.dtype:
+        """The cell-id dtype the lists should be built in: int32 for FlashInfer (its page ids),
+        int64 otherwise."""
+        return torch.int32 if self.impl == "flashinfer" else torch.int64
+
+    def plan(self, layers: dict, host_indptr: dict | None = None) -> "DecodePlan":
         todo = {l: p for l, p in layers.items() if l not in self.layers}
         if not todo:
             return self
+        host_indptr = host_indptr or {}
         if self.impl != "torch":
             for l, pairs in todo.items():
-                self.layers[l] = _gpu_layer_plan(self.impl, pairs)
+                self.layers[l] = _gpu_layer_plan(self.impl, pairs, l, host_indptr.get(l))
             return self
         with cpu_threads_for(0, self.device):
             keys = list(todo)
             n = {todo[l].n_pairs for l in keys}
             if len(n) == 1 and n.pop() > 0:  # one sort and one host read for every layer
-                indptr = torch.stack([todo[l].kv_indptr.to(torch.long) for l in keys])
+                if all(l in host_indptr for l in keys):  # sorted on the host: nothing read back
+                    indptr = torch.stack([host_indptr[l].to(torch.long) for l in keys])
+                else:
+                    indptr = torch.stack([todo[l].kv_indptr.to(torch.long) for l in keys])
                 lens_sorted, order = torch.sort(indptr[:, 1:] - indptr[:, :-1], dim=1, descending=True, stable=True)
                 host = lens_sorted.tolist()
+                lens_sorted, order = to_device(lens_sorted, self.device), to_device(order, self.device)
                 for i, l in enumerate(keys):
                     self.layers[l] = _TorchDecodeLayer(todo[l], self.head_dim, sorted_lens=(lens_sorted[i], order[i], host[i]))
             else:
@@ -240,7 +256,7 @@ class DecodePlan:
             return planned.run(q, k_flat, v_flat, sm_scale)
 
 
-def _gpu_layer_plan(impl: str, pairs: PairIndices):
+def _gpu_layer_plan(impl: str, pairs: PairIndices, layer: int = 0, host_indptr: Tensor | None = None):
     """The Triton or FlashInfer run of one layer's lists, as a function of (q, k, v, scale)."""
     if impl == "triton":
         from ._triton_decode import default_num_splits, paged_decode_attention_triton
@@ -250,7 +266,8 @@ def _gpu_layer_plan(impl: str, pairs: PairIndices):
         return lambda q, k, v, scale: paged_decode_attention_triton(q, k, v, indptr, indices, scale, num_splits=splits)
     from .flashinfer_decode import paged_decode_attention_flashinfer
 
-    return lambda q, k, v, scale: paged_decode_attention_flashinfer(q, k, v, pairs.kv_indptr, pairs.kv_indices, scale)
+    return lambda q, k, v, scale: paged_decode_attention_flashinfer(q, k, v, pairs.kv_indptr, pairs.kv_indices, scale,
+                                                                    layer=layer, kv_indptr_host=host_indptr)
 
 
 def paged_decode_attention(

@@ -32,7 +32,8 @@ Implementations of :func:`paged_extend_attention`:
   a dense ``F.scaled_dot_product_attention`` with an explicit mask over the same gathered
   keys (3 pairs x 500 queries x 2000 cells, g = 3, D = 64, fp32: ~51 ms vs ~37 ms).
 * ``"triton"``: flash-attention style kernel (:mod:`._triton_extend`).
-* ``"flashinfer"``: ``BatchPrefillWithPagedKVCacheWrapper`` glue (:mod:`.flashinfer_extend`).
+* ``"flashinfer"``: ``BatchPrefillWithPagedKVCacheWrapper`` glue (:mod:`.flashinfer_extend`;
+  lists built int32).
 
 Engine-free: never imports SGLang.
 """
@@ -43,7 +44,7 @@ import torch
 from torch import Tensor
 
 from .dispatch import resolve_impl
-from .pair_indices import PairIndices, extend_lengths
+from .pair_indices import ExtendLengths, PairIndices, extend_lengths, to_device
 from .threads import cpu_threads_for
 
 __all__ = ["ExtendPlan", "paged_extend_attention", "paged_extend_attention_torch"]
@@ -123,10 +124,11 @@ class _TorchExtendLayer:
     ``qo_len``), last visible keys and the path (one shot or chunked)."""
 
     def __init__(self, qo_indptr: Tensor, pairs: PairIndices, nq_total: int, q_shape: tuple, dv: int,
-                 key_chunk: int = 1024):
+                 key_chunk: int = 1024, lens: ExtendLengths | None = None):
         g, D = q_shape
         device = pairs.kv_indptr.device
-        lens = extend_lengths(qo_indptr, pairs.kv_indptr, nq_total)
+        if lens is None:  # (ExtendPlan passes them, checked on the host copies)
+            lens = extend_lengths(qo_indptr, pairs.kv_indptr, nq_total)
         self.nq_total, self.key_chunk = nq_total, max(1, int(key_chunk))
         active = [p for p, nq in enumerate(lens.qo_lens) if nq > 0]
         active.sort(key=lambda p: -lens.kv_lens[p])  # longest list first (stable: ties keep pair order)
@@ -137,18 +139,19 @@ class _TorchExtendLayer:
         self.nq_host = [lens.qo_lens[p] for p in active]
         self.off_host = [kv - nq for kv, nq in zip(self.kv_host, self.nq_host)]  # cells every query sees (>= 0)
         self.Mq, max_len = max(self.nq_host), self.kv_host[0]
-        order = torch.tensor(active, dtype=torch.long, device=device)
+        order, self.kv_lens, nq, offs, qo_starts = (to_device(torch.tensor(x, dtype=torch.long), device) for x in (
+            active, self.kv_host, self.nq_host, self.off_host, [lens.qo_starts[p] for p in active]))
         self.kv_starts = pairs.kv_indptr.to(torch.long)[:-1].index_select(0, order)
-        self.kv_lens = torch.tensor(self.kv_host, dtype=torch.long, device=device)
-        nq = torch.tensor(self.nq_host, dtype=torch.long, device=device)
-        offs = torch.tensor(self.off_host, dtype=torch.long, device=device)
-        qo_starts = torch.tensor([lens.qo_starts[p] for p in active], dtype=torch.long, device=device)
         ar_q = torch.arange(self.Mq, device=device)
         q_valid = ar_q[None, :] < nq[:, None]  # [n, Mq]
         self.rows = (qo_starts[:, None] + ar_q[None, :]).where(q_valid, qo_starts[:, None])  # [n, Mq]
         self.lim = (offs[:, None] + ar_q[None, :]).where(q_valid, torch.full_like(self.rows, -1))  # last visible key
-        self.valid_flat = q_valid.reshape(-1)
-        self.dest = self.rows.reshape(-1)[self.valid_flat]
+        # the padded rows that are real queries, and their rows of q: from the host lengths (a
+        # boolean mask on the device would be read back to size its result)
+        valid_host = (torch.arange(self.Mq)[None, :] < torch.tensor(self.nq_host)[:, None]).reshape(-1)
+        rows_host = (torch.tensor([lens.qo_starts[p] for p in active])[:, None] + torch.arange(self.Mq)[None, :]).reshape(-1)
+        self.valid_idx = to_device(torch.nonzero(valid_host).reshape(-1), device)
+        self.dest = to_device(rows_host[valid_host], device)
         self.indices = pairs.kv_indices.to(torch.long)
         self.one_shot = n * self.Mq * g * max_len <= _SINGLE_SHOT_ELEMS and n * max_len * max(D, dv) <= _SINGLE_SHOT_KEY_ELEMS
 
@@ -167,7 +170,7 @@ class _TorchExtendLayer:
         else:
             res = _chunked(qs, k_flat, v_flat, self.indices, self.kv_starts, self.kv_lens, self.lim, self.kv_host,
                            self.nq_host, self.off_host, self.key_chunk)
-        out.index_copy_(0, self.dest, res.reshape(n * Mq, g, Dv)[self.valid_flat].to(q.dtype))
+        out.index_copy_(0, self.dest, res.reshape(n * Mq, g, Dv).index_select(0, self.valid_idx).to(q.dtype))
         return out
 
 
@@ -284,27 +287,44 @@ class ExtendPlan:
     * torch: per layer the sorted pairs, padded query rows, last visible keys and the path;
       ``run`` gathers and computes (small work on one CPU thread, :mod:`.threads`);
     * triton: the checked longest ``qo_len``; ``run`` launches the kernel without a host read;
-    * flashinfer: the lists only: each layer has its own lists and a FlashInfer plan serves
-      one set, so ``run`` plans the wrapper for its layer, then runs it.
+    * flashinfer: the lists and their host indptrs: each layer has its own lists and a
+      FlashInfer plan serves one set, so ``run`` plans its layer's wrapper, then runs it.
+
+    ``qo_indptr_host`` and ``plan``'s ``host_indptr`` (``{layer: kv_indptr on the host}``):
+    host copies from the index builder, which knows every length there; with them nothing
+    is read back from the GPU, without them each indptr is read once.
     """
 
     def __init__(self, qo_indptr: Tensor, nq_total: int, device, shape: tuple, kv_dtype: torch.dtype | None = None,
-                 impl: str = "auto"):
+                 impl: str = "auto", qo_indptr_host: Tensor | None = None):
         self.qo_indptr, self.nq_total, self.device = qo_indptr, int(nq_total), torch.device(device)
+        self.qo_indptr_host = qo_indptr_host
         self.g, self.head_dim, self.head_dim_v = (int(x) for x in shape)  # (g, D, Dv)
         self.impl = resolve_impl("extend", self.device, impl, dtype=kv_dtype)
         self.layers: dict = {}
 
-    def plan(self, layers: dict) -> "ExtendPlan":
+    @property
+    def index_dtype(self) -> torch.dtype:
+        """The cell-id dtype the lists should be built in: int32 for FlashInfer, int64 otherwise."""
+        return torch.int32 if self.impl == "flashinfer" else torch.int64
+
+    def plan(self, layers: dict, host_indptr: dict | None = None) -> "ExtendPlan":
+        host_indptr = host_indptr or {}
         with cpu_threads_for(0, self.device):
             for l, pairs in layers.items():
                 if l in self.layers:
                     continue
+                if self.qo_indptr_host is None:
+                    self.qo_indptr_host = self.qo_indptr.to("cpu")  # read once per forward
+                kv_host = host_indptr.get(l)
+                if kv_host is None:
+                    kv_host = pairs.kv_indptr.to("cpu")
+                lens = extend_lengths(self.qo_indptr_host, kv_host, self.nq_total)  # checked on the host
                 if self.impl == "torch":
                     self.layers[l] = _TorchExtendLayer(self.qo_indptr, pairs, self.nq_total, (self.g, self.head_dim),
-                                                       self.head_dim_v)
+                                                       self.head_dim_v, lens=lens)
                 else:
-                    self.layers[l] = (pairs, extend_lengths(self.qo_indptr, pairs.kv_indptr, self.nq_total).max_qo)
+                    self.layers[l] = (pairs, lens.max_qo, kv_host)
         return self
 
     def run(self, layer: int, q: Tensor, k_flat: Tensor, v_flat: Tensor, sm_scale: float) -> Tensor:
@@ -313,7 +333,7 @@ class ExtendPlan:
         if self.impl == "torch":
             with cpu_threads_for(planned.indices.numel() * q.shape[-1] + q.numel() if planned.n else 0, q.device):
                 return planned.run(q, k_flat, v_flat, sm_scale)
-        pairs, max_qo = planned
+        pairs, max_qo, kv_host = planned
         if self.impl == "triton":
             from ._triton_extend import paged_extend_attention_triton
 
@@ -322,4 +342,5 @@ class ExtendPlan:
         from .flashinfer_extend import paged_extend_attention_flashinfer
 
         return paged_extend_attention_flashinfer(q, k_flat, v_flat, self.qo_indptr, pairs.kv_indptr, pairs.kv_indices,
-                                                 sm_scale)
+                                                 sm_scale, layer=layer, qo_indptr_host=self.qo_indptr_host,
+                                                 kv_indptr_host=kv_host, checked=True)

@@ -24,6 +24,7 @@ from torch import Tensor
 
 __all__ = [
     "PairIndices",
+    "to_device",
     "ExtendLengths",
     "gather_row_ranges",
     "build_pair_indices",
@@ -48,8 +49,23 @@ class PairIndices(NamedTuple):
         return (self.kv_indptr[1:] - self.kv_indptr[:-1]).to(torch.long)
 
 
+def to_device(x: Tensor, device) -> Tensor:
+    """``x`` on ``device`` without a host sync. A blocking copy from the host synchronizes the
+    CUDA stream (PyTorch's ``memcpy_and_sync``), so a host tensor goes to a GPU from pinned
+    memory, non-blocking (PyTorch's caching host allocator keeps the pinned block until the
+    copy ran). A no-op when ``x`` is on ``device`` already."""
+    device = torch.device(device)
+    if x.device.type != "cpu":
+        return x.to(device)
+    if device.type == "cuda":
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)
+
+
 def _as_long(x, device) -> Tensor:
-    return torch.as_tensor(x, dtype=torch.long, device=device)
+    """``x`` (a tensor or a Python sequence) as int64 on ``device``, without a host sync."""
+    x = x.to(torch.long) if isinstance(x, Tensor) else torch.tensor(x, dtype=torch.long)
+    return to_device(x, device)
 
 
 def segment_ids(lens: Tensor, total: int | None = None) -> tuple[Tensor, Tensor]:
@@ -68,11 +84,16 @@ def gather_row_ranges(req_to_token: Tensor, rows, starts, ends) -> tuple[Tensor,
 
     Vectorized (no Python loop over requests). ``rows``, ``starts``, ``ends``: ``[R]``
     (tensors or sequences). Returns ``(slots [sum(ends - starts)] int64, lens [R] int64)``.
+    With ``starts`` and ``ends`` given as Python sequences the total is summed on the host
+    (no host sync on a GPU); with tensors it is read from the device.
     """
     device = req_to_token.device
+    total = None
+    if not isinstance(starts, Tensor) and not isinstance(ends, Tensor):
+        total = sum(max(0, int(e) - int(s)) for s, e in zip(starts, ends))
     rows, starts, ends = (_as_long(x, device) for x in (rows, starts, ends))
     lens = (ends - starts).clamp_min(0)
-    seg, pos = segment_ids(lens)
+    seg, pos = segment_ids(lens, total)
     flat = rows[seg] * req_to_token.stride(0) + (starts[seg] + pos) * req_to_token.stride(1)
     base = req_to_token.as_strided((req_to_token.numel(),), (1,)) if req_to_token.is_contiguous() else None
     if base is not None:
@@ -93,6 +114,7 @@ def build_pair_indices(
     *,
     index_dtype: torch.dtype = torch.int64,
     cell_base: int | Tensor = 0,
+    nnz: int | None = None,
 ) -> PairIndices:
     """CSR cell lists of a batch of ``R`` requests x ``Hkv`` KV heads (one layer). Vectorized.
 
@@ -110,6 +132,8 @@ def build_pair_indices(
 
     Returns :class:`PairIndices` with ``kv_indptr`` int32 ``[R * Hkv + 1]`` and
     ``kv_indices`` of ``index_dtype``; pair ``r * Hkv + h`` reads prefix, mid, suffix in order.
+    ``nnz``: the total list length when the caller knows it on the host (otherwise read from
+    the device: one host sync on a GPU); it must equal the sum of the lengths.
     """
     H = int(num_kv_heads)
     device = prefix_slots.device
@@ -132,7 +156,7 @@ def build_pair_indices(
     flat_lens = pair_lens.reshape(-1)
     indptr = torch.zeros(R * H + 1, dtype=torch.long, device=device)
     torch.cumsum(flat_lens, 0, out=indptr[1:])
-    total = int(indptr[-1]) if R else 0
+    total = (int(nnz) if nnz is not None else int(indptr[-1])) if R else 0
     indices = torch.empty(total, dtype=index_dtype, device=device)
     starts = indptr[:-1].view(R, H)
 
@@ -158,7 +182,9 @@ def build_pair_indices(
 
 def append_pair_cells(pairs: PairIndices, cells: Tensor) -> PairIndices:
     """``pairs`` with ``cells[p]`` appended at the end of pair ``p``'s list (one new cell per
-    pair: the next decode step's own token). O(nnz) copies, no gather and no host sync."""
+    pair: the next decode step's own token). O(nnz) copies, no gather and no host sync: the old
+    cells go where a mask says (``masked_scatter_``, whose CUDA version checks its sizes on the
+    device; indexing with a boolean mask would read the mask's count back to the host)."""
     n = pairs.n_pairs
     device = pairs.kv_indices.device
     if cells.numel() != n:
@@ -168,7 +194,7 @@ def append_pair_cells(pairs: PairIndices, cells: Tensor) -> PairIndices:
     ends = indptr[1:].to(torch.long) - 1
     old = torch.ones(out.numel(), dtype=torch.bool, device=device)
     old[ends] = False
-    out[old] = pairs.kv_indices
+    out.masked_scatter_(old, pairs.kv_indices)
     out[ends] = cells.to(out.dtype)
     return PairIndices(indptr, out)
 

@@ -35,6 +35,10 @@ def test_knobs_visible_in_server_info(servers):
     assert info["kv_compression"]["kv_policy"] == "lava"
     assert info["kv_compression"]["kv_budget"] == 128
     assert info["kv_compression"]["kv_window"] == 32
+    # the kernel back-ends in use (the start-up self-check runs on CUDA only): torch on the CPU engine
+    kernels = info["kv_kernels"]
+    assert {op: kernels[op]["impl"] for op in ("decode", "extend", "repack")} == dict.fromkeys(
+        ("decode", "extend", "repack"), "torch") and kernels["selfcheck"] == "not run", kernels
 
 
 def test_lava_greedy_output_equals_none_when_budget_covers_prompt(servers, long_prompt):

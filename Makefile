@@ -24,7 +24,7 @@ run: setup
 test: setup
 	$(PY) -m pytest -q -ra tests
 
-# Engine-free tests only (seconds).
+# Engine-free tests only (about 2 minutes: the kernels run in the Triton interpreter).
 test-fast: setup
 	$(PY) -m pytest -q -ra tests -m "not server"
 

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 POLICIES = ("none", "streamingllm", "snapkv", "pyramidkv", "adakv", "lava")
 POOLINGS = ("max", "avg")
 # When a compressed request's prompt is compressed: once after its whole prefill, or after every
-# prefill chunk (engine/prefill.py, "Compression during chunked prefill").
+# prefill chunk (engine/chunked.py; docs/design.md, "Compression during chunked prefill").
 PREFILL_MODES = ("after", "chunked")
 
 # Upper bounds of the numeric settings, so that one request's cost stays proportional to its

@@ -93,7 +93,7 @@ class Soak:
             sp["custom_params"] = custom
         return sp
 
-    def random_custom(self, rng):
+    def random_custom(self, rng, edge: bool = False):
         r = rng.random()
         if r < 0.15:
             return None  # the server's policy and budget
@@ -102,7 +102,7 @@ class Soak:
             custom["kv_budget"] = rng.choice([48, 64, 96, 128, 256])
         if custom["kv_policy"] != "none" and rng.random() < self.args.chunked_share:
             custom["kv_prefill_compression"] = "chunked"  # compressed during chunked prefill
-            if rng.random() < 0.3:
+            if edge and rng.random() < 0.3:
                 self.edge_settings(rng, custom)
         return custom
 
@@ -150,7 +150,7 @@ class Soak:
     def single(self, rng):
         s = self.stats
         kind, ids = self.prompt(rng)
-        custom = self.random_custom(rng)
+        custom = self.random_custom(rng, edge=True)
         longer = self.beyond_pool(rng, custom)
         if longer is not None:
             kind, ids = "beyond_pool", longer

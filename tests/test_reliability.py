@@ -290,6 +290,6 @@ def test_forced_retraction_of_a_chunked_request(servers, tokenizer, corpus):
         assert len(r["output_ids"]) == new and rep["prefill_compression"] == "chunked", r["meta_info"]
         assert not rep.get("replayed_after_retraction"), rep
     log = server.log_text()[mark:]
-    assert "(compressed chunk by chunk) retracted; it is prefilled and compressed again" in log
+    assert "(compressed during chunked prefill) retracted; its re-prefill is compressed again chunk by chunk" in log
     assert "Traceback" not in log and "lava-sglang debug" not in log
     assert_no_leak(server)

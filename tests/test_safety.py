@@ -286,8 +286,8 @@ def test_case4_kernel_error_in_decode_fails_only_its_request(servers, tokenizer,
     def run(name, ids, rid, n):
         results[name] = generate(server, ids, max_new_tokens=n, rid=rid, timeout=300)
 
-    threads = [threading.Thread(target=run, args=("normal", ids_of(tokenizer, corpus, 100, 26401), None, 24)),
-               threading.Thread(target=run, args=("fault", ids_of(tokenizer, corpus, 600, 26402),
+    threads = [threading.Thread(target=run, args=("normal", ids_of(tokenizer, corpus, 100, 26481), None, 24)),
+               threading.Thread(target=run, args=("fault", ids_of(tokenizer, corpus, 600, 26482),
                                                   "lava-fault-attention-1", 8))]
     for t in threads:
         t.start()

@@ -104,8 +104,10 @@ def after_calc_priority(result, self, *args, **kwargs):
 
 def _session_turns_first(scheduler, quiet: bool = False) -> int:
     """A stalled round with nothing parked to release: the waiting turns of streaming sessions
-    that hold KV go to the front of the queue, in their order (see the module docstring).
-    Returns how many moved; 0 when the head already is such a turn."""
+    that hold KV go to the front of the queue, in their order (see the module docstring); when
+    such a turn is the head already and cannot be admitted either, the next one goes first (one
+    per stalled round, so any turn that fits is reached). Returns how many moved; 0 when nothing
+    did. ``quiet`` (after SGLang's sort) keeps a head that is such a turn."""
     slots = getattr(getattr(scheduler.tree_cache, "session", None), "slots", None) or {}
     if not slots:
         return 0
@@ -117,9 +119,11 @@ def _session_turns_first(scheduler, quiet: bool = False) -> int:
 
     waiting = scheduler.waiting_queue
     held = [holds(r) for r in waiting]
-    if not any(held) or held[0]:
+    if not any(held) or (held[0] and (quiet or sum(held) < 2)):
         return 0
     turns = [r for r, h in zip(waiting, held) if h]
+    if held[0]:  # a session turn itself blocks the head: the next one gets its round (rotation)
+        turns = turns[1:] + turns[:1]
     waiting[:] = turns + [r for r, h in zip(waiting, held) if not h]
     if not quiet:
             logger.info("lava-sglang: admission stalled behind request %s (sessions hold the memory it needs): %d "

@@ -43,12 +43,14 @@ def is_chunked(config: Optional[CompressionConfig]) -> bool:
     return config is not None and config.enabled and config.prefill_compression == "chunked"
 
 
-def not_chunkwise(config: CompressionConfig, chunk: int, max_new_tokens: Optional[int], session: bool) -> Optional[str]:
+def not_chunkwise(config: CompressionConfig, chunk: int, max_new_tokens: Optional[int], session: bool,
+                  start: int = 0) -> Optional[str]:
     """Why a request configured ``chunked`` would not be selected after every full chunk (None:
     it will be). Only such a request is held to :func:`peak_bound`, so only it may be admitted
     on it (``engine.long_prompts``): a prefix primer is never compressed, a window longer than
     the chunk makes every chunk a short one (:func:`chunk_target`), and the chunks before
-    ``kv_min_prompt_len`` are never selected (``policies.base.needs_compression``)."""
+    ``kv_min_prompt_len`` are never selected (``policies.base.needs_compression``): its first
+    chunk ends at ``start + chunk`` (``start``: what its row holds already, a session's history)."""
     if not is_chunked(config):
         return "it is not compressed during chunked prefill"
     if chunk <= 0:
@@ -57,7 +59,7 @@ def not_chunkwise(config: CompressionConfig, chunk: int, max_new_tokens: Optiona
         return "max_new_tokens 0: a prefix primer is never compressed"
     if config.window > chunk:
         return f"kv_window {config.window} is longer than the chunk {chunk}: no chunk is selected before the last"
-    if config.min_prompt_len > chunk:
+    if config.min_prompt_len > start + chunk:
         return (f"kv_min_prompt_len {config.min_prompt_len} is longer than the chunk {chunk}: the chunks before it "
                 "are never selected")
     return None

@@ -18,7 +18,7 @@ import logging
 
 from lava_sglang.engine.chunked import next_chunk_overflow
 from lava_sglang.engine.failures import abort, aborting
-from lava_sglang.engine.long_prompts import chunk_size, lifted_config, resident_slots
+from lava_sglang.engine.long_prompts import ON_BOUND, chunk_size, lifted_config, resident_slots
 from lava_sglang.engine.state import REGISTRY, owns
 
 logger = logging.getLogger("lava_sglang")
@@ -45,8 +45,8 @@ def after_chunk(batch) -> None:
     if req is None or req.kv.req_pool_idx is None or aborting(req):
         return
     index = next((i for i, r in enumerate(batch.reqs) if r is req), None)
-    if index is None:
-        return
+    if index is None or not getattr(req, ON_BOUND, False):
+        return  # admitted by SGLang's own rules on its whole prompt: no bound was promised
     config = lifted_config(req)
     if config is None:
         return

@@ -49,6 +49,7 @@ REQ = "sglang.srt.managers.schedule_batch.Req"
 _RESERVE = 6  # what SGLang keeps below the context length (max_req_len - 5, minus the one token)
 _MARGIN = 2  # SGLang admits on total < remaining (strict), and one slot of the allocator's own
 _PREFIX_CAP = "_lava_prefix_cap"  # on SGLang's Req: the longest radix match it may take
+ON_BOUND = "_lava_on_bound"  # on SGLang's Req: admitted on its chunked bound (engine.guard enforces it)
 _REQUESTED = "_lava_requested_new"  # on SGLang's Req: max_new_tokens as the client sent it, before any clip
 
 
@@ -78,7 +79,8 @@ def why_not_lifted(req, config) -> Optional[str]:
     if scheduler is None or config is None:
         return "no scheduler"
     requested = getattr(req, _REQUESTED, req.sampling_params.max_new_tokens)
-    return not_chunkwise(config, chunk_size(scheduler), requested, _session(req))
+    start = int(getattr(req, "prefix_len", 0) or 0) if req.kv.holds_kv else 0  # a session's history
+    return not_chunkwise(config, chunk_size(scheduler), requested, _session(req), start)
 
 
 def lifted_config(req):
@@ -186,6 +188,7 @@ def around_check_prefill_budget(original, self, req, *args, total_tokens=None, e
             total_tokens = min(total_tokens, need + reserve)
             if _cap_prefix(req, total_tokens):
                 return False, None
+            setattr(req, ON_BOUND, True)  # engine.guard holds it to the bound from now on
     return original(self, req, *args, total_tokens=total_tokens, extend_input_len=extend_input_len, **kwargs)
 
 

@@ -41,6 +41,14 @@ def test_float_kv_caches_are_not_refused(settings_problems, dtype):
     assert settings_problems("--kv-cache-dtype", dtype) == []
 
 
+def test_dfs_weight_schedule_policy_is_refused(settings_problems):
+    """Found by the soak: SGLang's dfs-weight sort hands the tree core the virtual node of a request
+    that continues a parked conversation (or a session), which raises and kills the scheduler."""
+    problems = settings_problems("--schedule-policy", "dfs-weight")
+    assert len(problems) == 1 and "--schedule-policy dfs-weight" in problems[0], problems
+    assert settings_problems("--schedule-policy", "lof") == []
+
+
 def test_pd_disaggregation_is_refused(settings_problems):
     problems = settings_problems("--disaggregation-mode", "prefill")
     assert len(problems) == 1 and "PD disaggregation (--disaggregation-mode prefill" in problems[0], problems

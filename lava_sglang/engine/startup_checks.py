@@ -36,6 +36,9 @@ def unsupported_settings(cfg: Any) -> list[str]:
     if kv_dtype.lower() not in FLOAT_KV_DTYPES:
         problems.append(f"a quantized KV cache (--kv-cache-dtype {kv_dtype}; compression moves and reads KV vectors "
                         "without their scales: use auto, bf16 or the model's float type)")
+    if str(_value(getattr(cfg, "schedule_policy", "fcfs")) or "fcfs") == "dfs-weight":
+        problems.append("--schedule-policy dfs-weight (SGLang's dfs-weight sort raises on the virtual tree node of a "
+                        "request that continues a parked conversation or a session, and the scheduler dies)")
     pd = str(_value(getattr(cfg, "disaggregation_mode", "null")) or "null")
     if pd.lower() not in ("null", "none"):
         problems.append(f"PD disaggregation (--disaggregation-mode {pd}; a prefill server would ship a repacked, "

@@ -5,8 +5,9 @@ its private slots never exceed ``budget + chunk + window + 1`` (``chunked.peak_b
 SGLang's safeguards were lifted on it. After every forward that ran a chunk of it and left more
 to come, this checks that the next chunk keeps the promise: the slots it holds past its shared
 prefix (after that chunk's selection, if any), plus the next chunk. If not (a selection that did
-not happen, chunks SGLang cut shorter than the window round after round), the request is
-aborted through SGLang's chunked-request abort path (``failures.abort``) with an error naming
+not happen, chunks SGLang cut shorter than the window round after round) and the pool cannot hold
+that next chunk either (free plus evictable slots; otherwise a warning and it goes on), the
+request is aborted through SGLang's chunked-request abort path (``failures.abort``) with an error naming
 the bound, before the next chunk is allocated: SGLang would otherwise force that chunk ("a
 continuation must make progress") into a pool that cannot hold it, and the scheduler would die
 with every user's requests. No SGLang import at module level.
@@ -56,6 +57,13 @@ def after_chunk(batch) -> None:
     bound = resident_slots(config, chunk)
     remaining = len(req.full_untruncated_fill_ids) - chunk_hi
     if not next_chunk_overflow(bound, held, chunk, remaining):
+        return
+    free = int(scheduler.token_to_kv_pool_allocator.available_size()) + int(scheduler.tree_cache.evictable_size())
+    if free >= min(chunk, remaining):
+        # over its bound (chunks SGLang cut short), but the pool holds the next chunk: it goes on,
+        # and its next full chunk is selected again
+        logger.warning("lava-sglang: request %s holds %d private slots after %d tokens, over its chunked bound %d; "
+                       "the pool still holds its next chunk", req.rid, held, chunk_hi, bound)
         return
     message = (f"lava-sglang: request {req.rid} was admitted on its chunked prefill bound of {bound} KV slots "
                f"(kv_budget {config.budget} + --chunked-prefill-size {chunk} + kv_window {config.window} + 1), and "

@@ -202,10 +202,13 @@ def around_compute_max_prefix_len(original, self, *args, **kwargs):
 def around_add_one_req(original, self, req, *args, **kwargs):
     """``PrefillAdder.add_one_req``: without a radix cache SGLang admits ``ignore_eos`` requests
     through ``add_one_req_ignore_eos``, which counts the whole prompt and skips the budget check
-    above; a lifted request takes the ordinary path (its reserve counts its whole output)."""
+    above, and asserts that a chunked request has no prefix (a session turn has one: found by the
+    soak); a lifted request, and one with a prefix, take the ordinary path (its reserve counts its
+    whole output)."""
     sp = req.sampling_params
-    if not (sp.ignore_eos and getattr(self.tree_cache, "disable", True)) or lifted_config(req) is None:
-        return original(self, req, *args, **kwargs)
+    if not (sp.ignore_eos and getattr(self.tree_cache, "disable", True)) or (
+            lifted_config(req) is None and int(getattr(req, "prefix_len", 0) or 0) == 0):
+        return original(self, req, *args, **kwargs)  # (SGLang's path asserts a request without a prefix)
     sp.ignore_eos = False
     try:
         return original(self, req, *args, **kwargs)

@@ -1,8 +1,8 @@
 """Quality benchmark: accuracy of every compression policy at every budget, on the live server.
 
-The entry point (``python benchmarks/quality.py``, ``python -m benchmarks.quality``, the
-``lava-sglang-quality`` script); the benchmark lives in :mod:`benchmarks.quality_bench`, its
-documentation and flags in :mod:`benchmarks.quality_bench.cli` (``--help``).
+The entry point (``python benchmarks/quality.py`` or ``python -m benchmarks.quality``, from a
+checkout); the benchmark lives in :mod:`benchmarks.quality_bench`, its documentation and flags
+in :mod:`benchmarks.quality_bench.cli` (``--help``).
 """
 
 from __future__ import annotations

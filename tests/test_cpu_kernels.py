@@ -1,4 +1,4 @@
-"""The pure-torch ``sgl_kernel`` CPU stand-ins (``lava_sglang/cpu/kernels.py``: ``kv_ops``, ``spec_tree``, ``spec_locs``).
+"""The pure-torch ``sgl_kernel`` CPU stand-ins (``lava_sglang/cpu/sgl_kernel_ops.py``: ``kv_ops``, ``spec_tree``, ``spec_locs``).
 
 Each function is checked two ways:
 
@@ -36,7 +36,7 @@ import pytest  # noqa: E402
 import triton  # noqa: E402
 
 from lava_sglang.cpu import STUBS_DIR  # noqa: E402
-from lava_sglang.cpu import kernels as K  # noqa: E402
+from lava_sglang.cpu import sgl_kernel_ops as K  # noqa: E402
 
 
 def _import_sglang_kernels():

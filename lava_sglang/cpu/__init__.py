@@ -5,7 +5,7 @@ SGLang's CPU engine (``SGLANG_USE_CPU_ENGINE=1``) imports a few CPU functions fr
 index, and it cannot load without ``libcuda.so.1``. :func:`install_if_needed` puts the
 directory ``stubs/`` (which holds a package named ``sgl_kernel``) first on ``sys.path`` and
 ``PYTHONPATH`` so every SGLang process (spawned children inherit both) imports the stand-in.
-What the stand-in exports is gathered in :mod:`lava_sglang.cpu.kernels`, from
+What the stand-in exports is gathered in :mod:`lava_sglang.cpu.sgl_kernel_ops`, from
 :mod:`lava_sglang.cpu.kv_ops` (KV-cache ops), :mod:`lava_sglang.cpu.spec_tree`
 and :mod:`lava_sglang.cpu.spec_locs` (speculative decoding), sharing :mod:`lava_sglang.cpu.tensor_utils`.
 

@@ -2,7 +2,7 @@
 
 Every CPU server calls these: SGLang's CPU engine (``SGLANG_USE_CPU_ENGINE=1``) imports them
 from ``sgl_kernel`` and uses them on every prefill and on KV moves (see :mod:`lava_sglang.cpu`
-and :mod:`lava_sglang.cpu.kernels`). Semantics follow the GPU twin named in each docstring
+and :mod:`lava_sglang.cpu.sgl_kernel_ops`). Semantics follow the GPU twin named in each docstring
 (paths relative to the ``sglang`` package):
 
 * ``assign_req_to_token_pool_cpu``: ``assign_req_to_token_pool`` (``srt/mem_cache/allocation.py``);

@@ -1,10 +1,10 @@
 """Pure-torch stand-in for the CPU entry points of ``sgl_kernel`` (installed by lava-sglang).
 
 Only loaded when SGLang's CPU engine is selected and the real ``sgl_kernel`` cannot load
-(see ``lava_sglang.cpu``). Everything here is implemented in :mod:`lava_sglang.cpu.kernels`.
+(see ``lava_sglang.cpu``). Everything here is implemented in :mod:`lava_sglang.cpu.sgl_kernel_ops`.
 """
 
-from lava_sglang.cpu.kernels import (  # noqa: F401
+from lava_sglang.cpu.sgl_kernel_ops import (  # noqa: F401
     assign_draft_cache_locs_contiguous_cpu,
     assign_extend_cache_locs_cpu,
     assign_req_to_token_pool_cpu,

@@ -1,4 +1,11 @@
-"""Compression settings: one record, one validator, shared by the CLI flags and per-request overrides.
+"""Compression settings: each knob declared once, one record, one validator.
+
+Every ``kv_*`` setting is one ``knob(...)`` field of :class:`CompressionConfig`: its name, type,
+default, bounds, choices, help and whether a request may set it. The CLI flags
+(``server_args_patch.add_cli_args``), the per-request validation (``with_overrides``), the upper
+bounds, ``/server_info`` (``to_dict``) and the docs' flag table (``python -m lava_sglang.config``,
+checked by ``tests/test_docs.py``) all come from these declarations. Rules between knobs (the
+budget counts the window) are in ``CompressionConfig.validate``.
 
 Engine-free: never imports SGLang.
 """
@@ -7,27 +14,35 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+# The policies, in one place: "none" (nothing is compressed) and the name of each module of
+# lava_sglang/policies that exports ``POLICY`` (``policies.POLICY_CLASSES`` is built from this).
 POLICIES = ("none", "streamingllm", "snapkv", "pyramidkv", "adakv", "lava")
 POOLINGS = ("max", "avg")
 # When a compressed request's prompt is compressed: once after its whole prefill, or after every
 # prefill chunk (engine/chunked.py; docs/design.md, "Compression during chunked prefill").
 PREFILL_MODES = ("after", "chunked")
 
-# Upper bounds of the numeric settings, so that one request's cost stays proportional to its
-# prompt: scoring costs window x prompt per head, pooling kernel x prompt; a budget or a
-# minimum prompt length past any context length is meaningless.
-UPPER_BOUNDS = {
-    "window": 1024,
-    "kernel_size": 127,
-    "budget": 1 << 20,
-    "min_prompt_len": 1 << 20,
-    "pyramid_beta": 1000.0,
-    "park_max_slots": 1 << 40,
-    "park_max_conversations": 1 << 24,
-}
+
+@dataclass(frozen=True)
+class Knob:
+    """One setting's declaration (a ``CompressionConfig`` field's metadata)."""
+
+    kind: type  # int, float, str or bool
+    help: str
+    low: float | None = None  # inclusive bounds of a number
+    high: float | None = None
+    choices: tuple = ()
+    odd: bool = False
+    server_only: bool = False  # sizes the whole server: a request cannot set it
+    metavar: str = ""
+
+
+def knob(default, kind: type, help: str, **rules) -> Any:
+    return dataclasses.field(default=default, metadata={"knob": Knob(kind, help, **rules)})
 
 
 class ConfigError(ValueError):
@@ -47,25 +62,33 @@ class CompressionConfig:
     96 scored tokens per head per layer on average, plus the 32 window tokens.
     """
 
-    policy: str = "none"
-    budget: int = 128
-    window: int = 32
-    pooling: str = "max"
-    kernel_size: int = 7
-    floor_alpha: float = 0.2
-    pyramid_beta: float = 20.0
-    min_prompt_len: int = 0
-    # "after": compress once the whole prompt is prefilled; "chunked": re-select after every
-    # prefill chunk, so a request holds at most budget + chunk + window slots while prefilled.
-    prefill_compression: str = "after"
-    # Parked conversations (engine.parking): a compressed request's state outlives it, for a
-    # client that resends the whole history; ``park_max_slots`` caps what they hold (0: no cap
-    # but the pool, they are evicted on demand). ``park_max_slots`` is server-wide only.
-    park: bool = True
-    park_max_slots: int = 0
-    # Most parked conversations at once (0: derived from the request rows, ``engine.parking``);
-    # server-wide only.
-    park_max_conversations: int = 0
+    # Upper bounds keep one request's cost proportional to its prompt: scoring costs window x
+    # prompt per head, pooling kernel x prompt; a budget or a minimum prompt length past any
+    # context length is meaningless.
+    policy: str = knob("none", str, "KV-cache eviction policy; 'none' leaves SGLang's behaviour alone.",
+                       choices=POLICIES)
+    budget: int = knob(128, int, "Average kept tokens per KV head per layer, observation window included (the "
+                       "papers' max_capacity_prompt); must be larger than the window.", low=0, high=1 << 20)
+    window: int = knob(32, int, "Observation window: the last prompt tokens, whose queries score the cache; "
+                       "always kept.", low=1, high=1024)
+    pooling: str = knob("max", str, "Pooling of the scores along the sequence.", choices=POOLINGS)
+    kernel_size: int = knob(7, int, "Pooling kernel size (odd).", low=1, high=127, odd=True)
+    floor_alpha: float = knob(0.2, float, "Share of each head's budget guaranteed before the cross-head top-k "
+                              "(adakv, lava).", low=0.0, high=1.0)
+    pyramid_beta: float = knob(20.0, float, "PyramidKV slope: the last layer keeps budget/beta.", low=1.0, high=1000.0)
+    min_prompt_len: int = knob(0, int, "Prompts shorter than this are never compressed.", low=0, high=1 << 20)
+    prefill_compression: str = knob(
+        "after", str, "after: compress once the whole prompt is prefilled; chunked: re-select after every prefill "
+        "chunk (--chunked-prefill-size), so a request holds at most budget + chunk + window + 1 slots while it is "
+        "prefilled and prompts longer than the pool can be served.", choices=PREFILL_MODES)
+    park: bool = knob(True, bool, "Park a compressed request's state when it finishes, so a request that resends its "
+                      "whole history continues over it and prefills only its new tokens (engine/parking.py).")
+    park_max_slots: int = knob(0, int, "Most KV slots parked conversations hold together (0: no cap but the pool; "
+                               "parked memory is evictable and goes first, least recently used).",
+                               low=0, high=1 << 40, server_only=True)
+    park_max_conversations: int = knob(0, int, "Most parked conversations at once (0: half the request rows, "
+                                       "--max-running-requests); each holds a row, taken back least recently used "
+                                       "whenever a request needs one.", low=0, high=1 << 24, server_only=True)
 
     # Public names of the fields: CLI flag ``--kv-<name>`` and request key ``kv_<name>``.
     @staticmethod
@@ -75,6 +98,11 @@ class CompressionConfig:
     @staticmethod
     def key(field: str) -> str:
         return "kv_" + field
+
+    @staticmethod
+    def knobs() -> dict[str, Knob]:
+        """Each setting's declaration, by field name, in declaration order."""
+        return {f.name: f.metadata["knob"] for f in dataclasses.fields(CompressionConfig)}
 
     @property
     def enabled(self) -> bool:
@@ -91,64 +119,92 @@ class CompressionConfig:
         ``name`` maps a field to the name shown in messages (default: the CLI flag).
         """
         name = name or self.flag
-        if self.policy not in POLICIES:
-            raise ConfigError(name("policy"), f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
-        if self.pooling not in POOLINGS:
-            raise ConfigError(name("pooling"), f"unknown pooling {self.pooling!r}; choose one of {', '.join(POOLINGS)}")
-        if self.prefill_compression not in PREFILL_MODES:
-            raise ConfigError(name("prefill_compression"),
-                              f"unknown mode {self.prefill_compression!r}; choose one of {', '.join(PREFILL_MODES)}")
-        if not isinstance(self.park, bool):
-            raise ConfigError(name("park"), f"must be true or false, got {self.park!r}")
-        for field in ("budget", "window", "kernel_size", "min_prompt_len", "park_max_slots", "park_max_conversations"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(name(field), f"must be an integer, got {value!r}")
-            if value < 0:
-                raise ConfigError(name(field), f"must not be negative, got {value}")
-            if field in UPPER_BOUNDS and value > UPPER_BOUNDS[field]:
-                raise ConfigError(name(field), f"must be at most {UPPER_BOUNDS[field]}, got {value}")
-        for field in ("floor_alpha", "pyramid_beta"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(name(field), f"must be a number, got {value!r}")
-            if not math.isfinite(float(value)):
-                raise ConfigError(name(field), f"must be finite, got {value!r}")
-        if float(self.pyramid_beta) > UPPER_BOUNDS["pyramid_beta"]:
-            raise ConfigError(name("pyramid_beta"), f"must be at most {UPPER_BOUNDS['pyramid_beta']}, got {self.pyramid_beta}")
-        if self.window < 1:
-            raise ConfigError(name("window"), f"must be at least 1, got {self.window}")
+        for field, spec in self.knobs().items():
+            check(spec, getattr(self, field), name(field))
         if self.budget <= self.window:
             raise ConfigError(
                 name("budget"),
                 f"must be larger than the window ({name('window')} = {self.window}) because the budget "
                 f"counts the window; got {self.budget}",
             )
-        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise ConfigError(name("kernel_size"), f"must be an odd positive integer (same-length pooling), got {self.kernel_size}")
-        if not 0.0 <= float(self.floor_alpha) <= 1.0:
-            raise ConfigError(name("floor_alpha"), f"must be within [0, 1], got {self.floor_alpha}")
-        if not float(self.pyramid_beta) >= 1.0:
-            raise ConfigError(name("pyramid_beta"), f"must be at least 1, got {self.pyramid_beta}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return {self.key(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
 
-    # Settings a request cannot override (they size what the whole server holds).
-    SERVER_ONLY = ("park_max_slots", "park_max_conversations")
-
     def with_overrides(self, overrides: Mapping[str, Any]) -> "CompressionConfig":
         """Apply per-request overrides keyed ``kv_<field>``; unknown keys and bad values raise ConfigError."""
-        fields = {self.key(f.name): f.name for f in dataclasses.fields(self) if f.name not in self.SERVER_ONLY}
+        knobs = self.knobs()
+        settable = sorted(self.key(f) for f, spec in knobs.items() if not spec.server_only)
         changes = {}
         for key, value in overrides.items():
-            if key in (self.key(f) for f in self.SERVER_ONLY):
-                raise ConfigError(str(key), f"is a server-wide setting ({self.flag(key[3:])}); a request cannot change it")
-            if key not in fields:
-                raise ConfigError(str(key), f"unknown compression setting; known: {', '.join(sorted(fields))}")
-            field = fields[key]
-            if field in ("floor_alpha", "pyramid_beta") and isinstance(value, int) and not isinstance(value, bool):
+            field = key[3:] if isinstance(key, str) and key.startswith("kv_") else None
+            if field not in knobs:
+                raise ConfigError(str(key), f"unknown compression setting; known: {', '.join(settable)}")
+            if knobs[field].server_only:
+                raise ConfigError(key, f"is a server-wide setting ({self.flag(field)}); a request cannot change it")
+            if knobs[field].kind is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
             changes[field] = value
         return dataclasses.replace(self, **changes).validate(name=self.key)
+
+
+def check(spec: Knob, value, name: str) -> None:
+    """One value against its declaration; ConfigError naming ``name`` when it breaks a rule."""
+    if spec.kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(name, f"must be true or false, got {value!r}")
+        return
+    if spec.choices:
+        if value not in spec.choices or not isinstance(value, str):
+            raise ConfigError(name, f"unknown value {value!r}; choose one of {', '.join(spec.choices)}")
+        return
+    if spec.kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(name, f"must be an integer, got {value!r}")
+    if spec.kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(name, f"must be a number, got {value!r}")
+        if not math.isfinite(float(value)):
+            raise ConfigError(name, f"must be finite, got {value!r}")
+    if spec.kind is float and spec.low is not None and spec.high is not None and not spec.low <= value <= spec.high:
+        raise ConfigError(name, f"must be within [{spec.low:g}, {spec.high:g}], got {value}")
+    if spec.low is not None and spec.low >= 0 and value < 0:
+        raise ConfigError(name, f"must not be negative, got {value}")
+    if spec.odd and value % 2 == 0:
+        raise ConfigError(name, f"must be an odd positive integer (same-length pooling), got {value}")
+    if spec.low is not None and value < spec.low:
+        raise ConfigError(name, f"must be at least {spec.low}, got {value}")
+    if spec.high is not None and value > spec.high:
+        raise ConfigError(name, f"must be at most {spec.high}, got {value}")
+
+
+# Derived views, for the code that reads them.
+UPPER_BOUNDS = {f: spec.high for f, spec in CompressionConfig.knobs().items() if spec.high is not None}
+SERVER_ONLY = tuple(f for f, spec in CompressionConfig.knobs().items() if spec.server_only)
+
+
+def _default_text(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"`{value}`" if isinstance(value, str) else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def flag_table() -> str:
+    """The docs' flag table (docs/usage.md, between its ``flags`` markers), from the declarations."""
+    defaults = CompressionConfig()
+    rows = ["| flag | request key | default | meaning |", "|---|---|---|---|"]
+    for field, spec in CompressionConfig.knobs().items():
+        flag = CompressionConfig.flag(field)
+        if spec.kind is bool:
+            shown = f"`{flag}` / `--no-{flag[2:]}`"
+        elif spec.choices:
+            shown = f"`{flag} {{{','.join(spec.choices)}}}`"
+        else:
+            shown = f"`{flag} {'N' if spec.kind is int else 'F'}`"
+        key = "server only" if spec.server_only else f"`{CompressionConfig.key(field)}`"
+        rows.append(f"| {shown} | {key} | {_default_text(getattr(defaults, field))} | {spec.help.replace('|', '/')} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(flag_table())

@@ -20,7 +20,7 @@ import logging
 import os
 import sys
 
-from lava_sglang.config import POLICIES, POOLINGS, PREFILL_MODES, CompressionConfig, ConfigError
+from lava_sglang.config import CompressionConfig, ConfigError
 
 logger = logging.getLogger("lava_sglang")
 
@@ -31,55 +31,19 @@ _DEFAULTS = CompressionConfig()
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    """One ``--kv-*`` flag per declared knob (``config.CompressionConfig``); values are checked by
+    ``CompressionConfig.validate`` in ``after_from_cli_args`` (exit status 2 naming the flag)."""
     group = parser.add_argument_group("KV-cache compression (lava-sglang plugin)")
-    group.add_argument(
-        "--kv-policy",
-        choices=POLICIES,
-        default=_DEFAULTS.policy,
-        help="KV-cache eviction policy applied to each request after prefill. 'none' leaves SGLang unchanged.",
-    )
-    group.add_argument(
-        "--kv-budget",
-        type=int,
-        default=_DEFAULTS.budget,
-        help="Average kept tokens per KV head per layer, observation window included "
-        "(the papers' max_capacity_prompt). Must be larger than --kv-window.",
-    )
-    group.add_argument("--kv-window", type=int, default=_DEFAULTS.window, help="Observation window: the last prompt tokens whose queries score the cache; always kept.")
-    group.add_argument("--kv-pooling", choices=POOLINGS, default=_DEFAULTS.pooling, help="Pooling of the scores along the sequence.")
-    group.add_argument(
-        "--kv-prefill-compression",
-        choices=PREFILL_MODES,
-        default=_DEFAULTS.prefill_compression,
-        help="after: compress each request once its whole prompt is prefilled; chunked: re-select after every "
-        "prefill chunk (--chunked-prefill-size), so a request never holds more than budget + chunk + window "
-        "slots while it is prefilled (per request: kv_prefill_compression).",
-    )
-    group.add_argument("--kv-kernel-size", type=int, default=_DEFAULTS.kernel_size, help="Pooling kernel size (odd).")
-    group.add_argument("--kv-floor-alpha", type=float, default=_DEFAULTS.floor_alpha, help="Share of each head's budget guaranteed before the cross-head top-k (adakv, lava), in [0, 1].")
-    group.add_argument("--kv-pyramid-beta", type=float, default=_DEFAULTS.pyramid_beta, help="PyramidKV slope: the last layer keeps budget/beta.")
-    group.add_argument(
-        "--kv-park",
-        action=argparse.BooleanOptionalAction,
-        default=_DEFAULTS.park,
-        help="Park a compressed request's state when it finishes, so a request that resends its whole history "
-        "continues over it and prefills only its new tokens (--no-kv-park: release it; per request: kv_park).",
-    )
-    group.add_argument(
-        "--kv-park-max-slots",
-        type=int,
-        default=_DEFAULTS.park_max_slots,
-        help="Most KV slots parked conversations may hold together (0: no cap but the pool; parked memory is "
-        "evictable and goes first, least recently used, when SGLang needs slots).",
-    )
-    group.add_argument(
-        "--kv-park-max-conversations",
-        type=int,
-        default=_DEFAULTS.park_max_conversations,
-        help="Most parked conversations at once (0: half of the request rows, --max-running-requests; each parked "
-        "conversation holds a row, taken back least recently used first whenever a request needs one).",
-    )
-    group.add_argument("--kv-min-prompt-len", type=int, default=_DEFAULTS.min_prompt_len, help="Prompts shorter than this are never compressed.")
+    for field, spec in CompressionConfig.knobs().items():
+        extra = {"help": spec.help + ("" if spec.server_only else f" Per request: {CompressionConfig.key(field)}."),
+                 "default": getattr(_DEFAULTS, field)}
+        if spec.kind is bool:
+            extra["action"] = argparse.BooleanOptionalAction
+        elif spec.choices:
+            extra["choices"] = spec.choices
+        else:
+            extra["type"] = spec.kind
+        group.add_argument(CompressionConfig.flag(field), **extra)
 
 
 def config_from_namespace(args: argparse.Namespace) -> CompressionConfig:
@@ -99,6 +63,19 @@ def config_of(server_args) -> CompressionConfig:
     if not stored:
         return CompressionConfig()
     return CompressionConfig(**json.loads(stored)).validate()
+
+
+_ON: dict = {}
+
+
+def compression_on() -> bool:
+    """Whether this process's server compresses (a policy other than ``none``), memoised on the
+    stored config: cheap enough to ask on every call of a gated hook (``plugin.gated``)."""
+    stored = os.environ.get(ENV_VAR)
+    on = _ON.get(stored)
+    if on is None:
+        on = _ON[stored] = bool(stored) and config_of(None).enabled
+    return on
 
 
 def after_add_cli_args(result, parser, *args, **kwargs):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from lava_sglang.config import CompressionConfig
+from lava_sglang.config import CompressionConfig, flag_table
 from lava_sglang.server_args_patch import add_cli_args
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,9 +48,16 @@ def test_kv_flags_named_in_docs_exist_and_every_flag_is_documented():
     for path in DOCS:
         unknown = set(re.findall(r"--(?:no-)?kv-[a-z-]*[a-z]", text(path))) - known
         assert not unknown, f"{path.relative_to(ROOT)} names unknown flags {sorted(unknown)}"
-    readme = text(ROOT / "README.md")
-    missing = {f for f in declared if f not in readme}
-    assert not missing, f"flags not in the README's table: {sorted(missing)}"
+
+
+def test_the_flag_table_is_the_declarations():
+    """docs/usage.md's flag table is ``config.flag_table()``: one row per declared setting, its
+    flag, per-request key, default and help as ``config.py`` declares them."""
+    usage = text(ROOT / "docs" / "usage.md")
+    table = re.search(r"<!-- flags:begin -->\n(.*?)<!-- flags:end -->", usage, re.S)
+    assert table, "docs/usage.md lost its flags markers"
+    assert table.group(1) == flag_table(), "docs/usage.md's flag table is stale: paste `python -m lava_sglang.config`"
+    assert all(f in table.group(1) for f in kv_flags())
 
 
 # kv_* names in the user docs that are report fields, not settings
@@ -58,7 +65,7 @@ NOT_SETTINGS = {"kv_compression", "kv_kernels", "kv_dtype"}
 
 
 def test_per_request_keys_named_in_user_docs_exist_and_every_key_is_documented():
-    keys = {CompressionConfig.key(f) for f in CompressionConfig.__dataclass_fields__}
+    keys = {CompressionConfig.key(f) for f, spec in CompressionConfig.knobs().items() if not spec.server_only}
     for path in USER_DOCS:
         unknown = set(re.findall(r'["`](kv_[a-z_]+)["`]', text(path))) - keys - NOT_SETTINGS
         assert not unknown, f"{path.relative_to(ROOT)} names unknown settings {sorted(unknown)}"

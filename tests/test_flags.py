@@ -94,7 +94,7 @@ def test_unsupported_settings_are_named():
         (["--kv-floor-alpha", "1.5"], "--kv-floor-alpha", "[0, 1]"),
         (["--kv-floor-alpha", "-0.1"], "--kv-floor-alpha", "[0, 1]"),
         (["--kv-kernel-size", "4"], "--kv-kernel-size", "odd"),
-        (["--kv-pyramid-beta", "0.5"], "--kv-pyramid-beta", "at least 1"),
+        (["--kv-pyramid-beta", "0.5"], "--kv-pyramid-beta", "[1, 1000]"),
         (["--kv-window", "0"], "--kv-window", "at least 1"),
         (["--kv-kernel-size", "0"], "--kv-kernel-size", "odd"),
         (["--kv-kernel-size", "-3"], "--kv-kernel-size", "negative"),
@@ -138,3 +138,26 @@ def test_per_request_overrides_validate_with_request_keys():
         base.with_overrides({"kv_policy": "h2o"})
     with pytest.raises(ConfigError, match="kv_budget"):
         base.with_overrides({"kv_budget": "256"})
+
+
+def test_hooks_needed_only_with_compression_leave_sglang_alone_under_none(monkeypatch):
+    """``plugin.gated``: under ``--kv-policy none`` an AROUND hook calls SGLang's original and a
+    BEFORE or AFTER hook changes nothing; with a policy the hook runs."""
+    import json
+
+    from lava_sglang.plugin import gated, hook_specs
+    from lava_sglang.server_args_patch import ENV_VAR
+
+    calls = []
+    around = gated(lambda original, x: calls.append("hook") or "hooked", "AROUND")
+    after = gated(lambda result, x: calls.append("after") or "changed", "AFTER")
+    before = gated(lambda x: calls.append("before") or ((x + 1,), {}), "BEFORE")
+    for policy, expected in (("none", ("original", None, None)), ("lava", ("hooked", "changed", ((2,), {})))):
+        monkeypatch.setenv(ENV_VAR, json.dumps({"policy": policy}))
+        assert (around(lambda x: "original", 1), after("result", 1), before(1)) == expected
+    assert calls == ["hook", "after", "before"]
+    always = {target.rsplit(".", 2)[-2] + "." + target.rsplit(".", 1)[-1] for target, _, _, gate in hook_specs() if not gate}
+    # what runs under none: the flags, the start-up report, the tokenizer-side checks that protect the scheduler
+    assert always == {"ServerArgs.add_cli_args", "ServerArgs.from_cli_args", "ServerArgs.resolve_once",
+                      "SamplingParams.verify", "TokenizerManager._validate_one_request", "Scheduler.__init__",
+                      "Scheduler.get_init_info", "SchedulerInternalStateController.get_internal_state"}, always

@@ -18,13 +18,10 @@ from typing import Sequence
 
 from torch import Tensor
 
-from ..config import CompressionConfig
-from .adakv import AdaKVPolicy
+from importlib import import_module
+
+from ..config import POLICIES, CompressionConfig
 from .base import AttentionPolicy, Policy, Selection, keep_all, needs_compression
-from .lava import LAVaPolicy
-from .pyramidkv import PyramidKVPolicy
-from .snapkv import SnapKVPolicy
-from .streamingllm import StreamingLLMPolicy
 
 __all__ = [
     "POLICY_CLASSES",
@@ -38,9 +35,14 @@ __all__ = [
     "keep_all",
 ]
 
+# One list of policies (``config.POLICIES``): each name but "none" is a module of this package
+# that exports its class as ``POLICY``.
 POLICY_CLASSES: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (StreamingLLMPolicy, SnapKVPolicy, PyramidKVPolicy, AdaKVPolicy, LAVaPolicy)
+    name: import_module(f"{__name__}.{name}").POLICY for name in POLICIES if name != "none"
 }
+for _name, _cls in POLICY_CLASSES.items():
+    if _cls.name != _name:
+        raise ImportError(f"policy module {_name} exports POLICY named {_cls.name!r}; a policy's name is its module's")
 
 
 def get_policy(name: str) -> Policy:

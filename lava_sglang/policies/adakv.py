@@ -23,3 +23,6 @@ class AdaKVPolicy(SnapKVPolicy):
 
     def head_budgets(self, cfg, layer_scores, layer_budget):
         return B.cross_head_budgets(layer_scores, layer_budget, cfg.floor_alpha)
+
+
+POLICY = AdaKVPolicy  # the class POLICY_CLASSES["adakv"] names (lava_sglang.policies)

@@ -45,3 +45,6 @@ class LAVaPolicy(AttentionPolicy):
 
     def head_budgets(self, cfg, layer_scores, layer_budget):
         return B.cross_head_budgets(layer_scores, layer_budget, cfg.floor_alpha)
+
+
+POLICY = LAVaPolicy  # the class POLICY_CLASSES["lava"] names (lava_sglang.policies)

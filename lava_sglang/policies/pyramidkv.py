@@ -20,3 +20,6 @@ class PyramidKVPolicy(SnapKVPolicy):
     def layer_budgets(self, cfg, scores, prefix_len=0, seq_len=0):
         hkv, n = scores[0].shape
         return B.pyramid_layer_budgets(len(scores), hkv, cfg.scored_budget, n, cfg.pyramid_beta)
+
+
+POLICY = PyramidKVPolicy  # the class POLICY_CLASSES["pyramidkv"] names (lava_sglang.policies)

@@ -29,3 +29,6 @@ class SnapKVPolicy(AttentionPolicy):
     name = "snapkv"
     gqa = "mean"
     value_norm = False
+
+
+POLICY = SnapKVPolicy  # the class POLICY_CLASSES["snapkv"] names (lava_sglang.policies)

@@ -36,3 +36,6 @@ class StreamingLLMPolicy(Policy):
         pos = torch.arange(prefix_len, end, dtype=torch.float32, device=keys.device)
         s = torch.where(pos < self.n_sink, 2.0 * n - pos, pos + 1.0)
         return s.unsqueeze(0).expand(hkv, -1).contiguous()
+
+
+POLICY = StreamingLLMPolicy  # the class POLICY_CLASSES["streamingllm"] names (lava_sglang.policies)

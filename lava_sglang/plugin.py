@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 
+from lava_sglang.server_args_patch import compression_on
+
 logger = logging.getLogger("lava_sglang")
 
 _registered = False
@@ -34,6 +36,27 @@ def hook_specs():
     return specs
 
 
+def gated(fn, kind: str):
+    """``fn`` where the server compresses; SGLang's own behaviour where it does not (``--kv-policy
+    none``): an AROUND hook calls the original, a BEFORE or AFTER hook changes nothing. Only the
+    hooks marked as always needed run under ``none``: the flags, the start-up report in
+    ``/server_info``, and the tokenizer-side checks that protect the scheduler (an empty prompt or
+    a token id outside the vocabulary gets a 400 instead of killing the scheduler's forward; a
+    ``kv_*`` key asking for compression gets a 400 naming it)."""
+    if kind == "AROUND":
+        def hook(original, *args, **kwargs):
+            return fn(original, *args, **kwargs) if compression_on() else original(*args, **kwargs)
+    elif kind == "AFTER":
+        def hook(result, *args, **kwargs):
+            return fn(result, *args, **kwargs) if compression_on() else None
+    else:
+        def hook(*args, **kwargs):
+            return fn(*args, **kwargs) if compression_on() else None
+    hook.__name__ = hook.__qualname__ = getattr(fn, "__name__", "hook")
+    hook.__wrapped__ = fn
+    return hook
+
+
 def register() -> None:
     global _registered
     if _registered:
@@ -47,8 +70,8 @@ def register() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     specs = hook_specs()
-    for target, fn, kind, _ in specs:
-        HookRegistry.register(target, fn, getattr(HookType, kind))
+    for target, fn, kind, only_when_on in specs:
+        HookRegistry.register(target, gated(fn, kind) if only_when_on else fn, getattr(HookType, kind))
     # load_plugins() applies hooks right after the plugins ran; doing it here (idempotent) lets
     # us check the outcome in the same process.
     HookRegistry.apply_hooks()

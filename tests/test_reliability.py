@@ -127,6 +127,11 @@ def test_compression_settings_on_a_server_without_compression_get_400(servers):
     for custom, field in (({"kv_policy": "lava"}, "kv_policy"), ({"kv_budget": 256}, "kv_budget")):
         status, body = post_status(server, custom)
         assert status == 400 and field in body and "--kv-policy none" in body, (custom, status, body)
+    # a request that says kv_policy none is served as without the plugin; a bad value still gets a 400
+    assert post_status(server, {"kv_policy": "none"})[0] == 200
+    assert post_status(server, {"kv_policy": "none", "kv_budget": 64})[0] == 200
+    status, body = post_status(server, {"kv_policy": "none", "kv_window": -1})
+    assert status == 400 and "kv_window" in body, body
     still_serves(server)
 
 

@@ -1,6 +1,7 @@
 """The SGLang hooks of the engine integration: one table, the concatenation of each subsystem's
 ``HOOKS`` list, checked at start-up (``lava_sglang.plugin``). Each entry is (target, function,
-hook type, needed only when compression is on).
+hook type, needed only when compression is on). A hook needed only when compression is on is
+gated (``plugin.gated``): under ``--kv-policy none`` it leaves SGLang's behaviour alone.
 
 The subsystems (``docs/design.md``):
 

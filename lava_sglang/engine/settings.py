@@ -51,11 +51,14 @@ def kv_overrides(custom_params) -> dict:
 
 
 def resolve(base: CompressionConfig, custom_params) -> CompressionConfig:
-    """``base`` with the request's overrides; raises ConfigError (a ValueError) naming the field."""
+    """``base`` with the request's overrides; raises ConfigError (a ValueError) naming the field.
+
+    On a ``--kv-policy none`` server a request cannot turn compression on; one that says
+    ``"kv_policy": "none"`` is served as without the plugin, whatever else it sets."""
     overrides = kv_overrides(custom_params)
     if not overrides:
         return base
-    if not base.enabled:
+    if not base.enabled and overrides.get("kv_policy") != "none":
         raise ValueError(
             f"{', '.join(sorted(overrides))}: KV compression is off on this server (--kv-policy none); "
             "start it with a policy to choose compression per request"
@@ -152,6 +155,6 @@ def before_validate_one_request(self, obj, input_ids, *args, **kwargs):
 
 
 HOOKS = [
-    (f"{SAMPLING_PARAMS}.verify", after_sampling_params_verify, "AFTER", True),
+    (f"{SAMPLING_PARAMS}.verify", after_sampling_params_verify, "AFTER", False),
     (f"{TOKENIZER_MANAGER}._validate_one_request", before_validate_one_request, "BEFORE", False),
 ]

@@ -85,7 +85,7 @@ def main(argv=None) -> dict:
         line = (f"branch {i}: {question!r} -> {answer.strip()!r} (expected {answers[i]!r}); "
                 f"prompt={meta.get('prompt_tokens')} cached={meta.get('cached_tokens')}")
         if report:
-            line += (f"; compressed: shared_prefix={report['shared_prefix_tokens']} private={report['compressed_tokens']} "
+            line += (f"; compressed: shared_prefix={report['shared_prefix_tokens']} private={report['private_tokens']} "
                      f"-> held {report['slots_held'] - report['shared_prefix_tokens']} private slots "
                      f"(freed {report['slots_freed']}), {report['compression_ms']:.0f} ms")
         else:

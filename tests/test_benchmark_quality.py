@@ -65,9 +65,9 @@ def test_quality_per_memory(tmp_path, monkeypatch):
                          "tasks": ["passkey", "fidelity"], "model": "m"},
               "runs": {"none": {"summary": summary, "records": [rec(None)]},
                        "lava@64": {"summary": summary, "records": [
-                           rec({"kept_cells": 64 * 90 + 1, "private_cells": 290 * 90, "compressed_tokens": 290,
+                           rec({"kept_cells": 64 * 90 + 1, "private_cells": 290 * 90, "private_tokens": 290,
                                 "shared_prefix_tokens": 10, "slots_held": 80}),  # 10 + 65
-                           rec({"kept_cells": 64 * 90, "private_cells": 300 * 90, "compressed_tokens": 300,
+                           rec({"kept_cells": 64 * 90, "private_cells": 300 * 90, "private_tokens": 300,
                                 "shared_prefix_tokens": 0, "slots_held": 70}),  # 64
                            rec({"kept_cells": 180, "slots_held": 5})]},  # 0 + 2, layers x heads of the model
                        "lava@128": {"summary": summary, "records": [rec({"slots_held": 140})]}}}  # no kept_cells

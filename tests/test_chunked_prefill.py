@@ -120,7 +120,7 @@ def test_prompt_four_times_the_pool_is_served_chunked_and_refused_otherwise(serv
     assert rep["peak_slots"] <= TINY_BOUND, rep
     assert rep["chunk_selections"] >= 8, rep  # after every full chunk
     # every selection's freed slots are summed: all private tokens but the kept ones
-    assert rep["slots_freed_total"] == rep["compressed_tokens"] - (rep["slots_held"] - rep["shared_prefix_tokens"]), rep
+    assert rep["slots_freed_total"] == rep["private_tokens"] - (rep["slots_held"] - rep["shared_prefix_tokens"]), rep
     assert rep["compression_ms_total"] >= rep["compression_ms"] and rep["prefill_ms_total"] > rep["prefill_ms"], rep
     # the trace: one step per chunk, [tokens prefilled, slots after its forward, after its selection]
     trace = rep["prefill_trace"]

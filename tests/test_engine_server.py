@@ -92,7 +92,7 @@ def test_real_compression_of_few_tokens_keeps_output(servers, corpus, tokenizer,
     out = generate(server, input_ids=ids, policy=policy, budget=len(ids) - 40)
     rep = report(out)
     assert rep is not None and rep["slots_freed"] > 0, out["meta_info"]
-    assert rep["prompt_tokens"] == len(ids) and rep["compressed_tokens"] == len(ids) - rep["shared_prefix_tokens"]
+    assert rep["prompt_tokens"] == len(ids) and rep["private_tokens"] == len(ids) - rep["shared_prefix_tokens"]
     ref = generate(server, input_ids=ids, policy="none")
     assert out["output_ids"] == ref["output_ids"]
     assert_no_leak(server)
@@ -157,7 +157,7 @@ def test_shared_prefix_is_reused_and_never_compressed(servers, corpus, tokenizer
         rep = report(out)
         assert out["meta_info"]["cached_tokens"] >= len(prefix) - 1
         assert rep is not None and rep["shared_prefix_tokens"] >= len(prefix) - 1
-        assert rep["compressed_tokens"] == len(prefix) + len(tail) - rep["shared_prefix_tokens"]
+        assert rep["private_tokens"] == len(prefix) + len(tail) - rep["shared_prefix_tokens"]
     for out in outs:
         assert task.answer in out["text"], [o["text"] for o in outs]
     assert_no_leak(server)

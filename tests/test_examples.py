@@ -41,9 +41,9 @@ def test_frontend_fork_shares_document_and_compresses_branches(servers, capsys):
         # The document was primed by fork() and reused: it is the shared, uncompressed prefix.
         assert row["cached_tokens"] >= 250, row
         assert report["shared_prefix_tokens"] >= 250
-        assert report["compressed_tokens"] == row["prompt_tokens"] - report["shared_prefix_tokens"]
+        assert report["private_tokens"] == row["prompt_tokens"] - report["shared_prefix_tokens"]
         assert report["slots_freed"] > 0
-        assert report["slots_held"] - report["shared_prefix_tokens"] < report["compressed_tokens"]
+        assert report["slots_held"] - report["shared_prefix_tokens"] < report["private_tokens"]
 
 
 def test_multi_turn_agent_reuses_history_in_both_client_styles_and_holds_less(servers, capsys):
@@ -94,25 +94,42 @@ def test_openai_client_per_request_budget(servers, capsys):
     assert default["prompt_tokens"] == small["prompt_tokens"] == none["prompt_tokens"] > 500
 
 
-def test_metrics_on_prometheus_endpoint(servers):
+def prometheus_totals(url: str) -> tuple[dict, str]:
+    """``sglang:lava_*`` series summed over their labels (buckets left out), and the whole text."""
+    with urllib.request.urlopen(url + "/metrics", timeout=60) as r:
+        text = r.read().decode()
+    values: dict = {}
+    for line in text.splitlines():
+        if line.startswith("sglang:lava_") and "_bucket" not in line:
+            name, value = line.rsplit(" ", 1)
+            values[name.split("{")[0]] = values.get(name.split("{")[0], 0.0) + float(value)
+    return values, text
+
+
+def test_metrics_count_the_same_events_as_server_info(servers):
+    """/metrics and /server_info count each selection once, where it happens: a prompt compressed
+    chunk by chunk (chunk 256) adds its chunks' selections to ``selections`` at once."""
     server = servers.config("lava-chunked")  # --enable-metrics
     from lava_sglang.workloads import passkey_task
 
-    out = server.generate(passkey_task(400, seed=41).prompt, max_new_tokens=2)
+    server.wait_settled()
+    before = server.kv_memory()
+    out = server.generate(passkey_task(900, seed=41).prompt, max_new_tokens=2,
+                          sampling_params={"custom_params": {"kv_prefill_compression": "chunked"}})
     report = out["meta_info"]["kv_compression"][0]
-    with urllib.request.urlopen(server.url + "/metrics", timeout=60) as r:
-        text = r.read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line.startswith("sglang:lava_") and 'policy="lava"' in line and "_bucket" not in line:
-            name, value = line.rsplit(" ", 1)
-            values[name.split("{")[0]] = float(value)
-    assert values["sglang:lava_compressed_requests_total"] >= 1, values
-    assert values["sglang:lava_kept_cells_total"] >= report["kept_cells"]
-    assert values["sglang:lava_freed_slots_total"] >= report["slots_freed"] > 0
-    assert values["sglang:lava_compression_ratio_count"] >= 1
-    assert 0 < values["sglang:lava_compression_ratio_sum"] <= values["sglang:lava_compression_ratio_count"]
-    assert values["sglang:lava_compression_seconds_count"] >= 1
+    assert report["chunk_selections"] >= 3 and report["private_slots"] == report["slots_held"] - report["shared_prefix_tokens"]
+    after = server.wait_settled()
+    assert after["selections"] - before["selections"] == report["chunk_selections"]
+    assert after["compressed_requests"] - before["compressed_requests"] == 1
+    assert after["freed_slots"] - before["freed_slots"] == report["slots_freed_total"]
+    values, text = prometheus_totals(server.url)
+    for series, total in (("compressed_requests_total", "compressed_requests"), ("selections_total", "selections"),
+                          ("reselections_total", "reselections"), ("kept_cells_total", "kept_cells"),
+                          ("freed_slots_total", "freed_slots"), ("compression_seconds_count", "selections")):
+        assert values.get(f"sglang:lava_{series}", 0) == after[total], (series, values, after)
+    assert values["sglang:lava_kept_ratio_count"] == after["compressed_requests"]
+    assert 0 < values["sglang:lava_kept_ratio_sum"] <= values["sglang:lava_kept_ratio_count"]
+    assert abs(values["sglang:lava_compression_seconds_sum"] - after["compression_seconds"]) < 0.01 * max(1, after["selections"])
     assert "sglang:num_running_reqs" in text  # next to SGLang's own metrics
 
 

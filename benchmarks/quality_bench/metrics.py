@@ -139,15 +139,17 @@ def exact_slots_held(rec: dict) -> Optional[int]:
     """KV slots the request holds under exact packing across layers (the engine since
     ``engine/cells.py``): ``shared_prefix_tokens + ceil(kept_cells / (n_layers * n_kv_heads))``;
     files recorded before it held ``max_l ceil(kept_cells_l / Hkv)`` private slots (:func:`slots_held`).
-    ``n_layers * n_kv_heads`` is the report's ``private_cells / compressed_tokens`` (else the default
+    ``n_layers * n_kv_heads`` is the report's ``private_cells / private_tokens`` (``compressed_tokens``
+    in results recorded before the rename) (else the default
     model's). A prompt that was not compressed: :func:`slots_held`; a report without ``kept_cells``: None."""
     report = rec.get("kv_compression")
     if not report:
         return slots_held(rec)
     if report.get("kept_cells") is None:
         return None
-    per_slot = (report["private_cells"] // report["compressed_tokens"] if report.get("private_cells")
-                and report.get("compressed_tokens") else model_cells_per_slot())
+    private = report.get("private_tokens", report.get("compressed_tokens"))
+    per_slot = (report["private_cells"] // private if report.get("private_cells") and private
+                else model_cells_per_slot())
     return report.get("shared_prefix_tokens", 0) + -(-report["kept_cells"] // per_slot)
 
 

@@ -158,7 +158,6 @@ def reselect(state: CompressedRequest, req_to_token: torch.Tensor, kv_pool, allo
     report.update({"turn": state.turns, "continued": True, "reselected": True,
                    "earlier_kept_cells": earlier, "earlier_kept_cells_dropped": dropped})
     state.report = report
-    REGISTRY.totals["reselections"] += 1
     REGISTRY.totals["earlier_kept_cells_dropped"] += dropped
     return report
 
@@ -238,7 +237,7 @@ def finish_turn(worker, req, state: CompressedRequest, chunk_hi: int, elapsed: f
     if chunked:
         report.update(chunk_report(state), continued=state.turns > 1)
     if first or report.get("reselected"):
-        record(worker, req, report, first=first)
+        record(worker, req, report, first=first, selected=bool(report.get("reselected")))
     else:
         attach(req, report)
 

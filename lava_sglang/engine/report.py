@@ -37,22 +37,29 @@ def attach(req, report: dict) -> None:
 
 
 def count_selection(report: dict) -> None:
-    """The slots one selection freed and its time, in the totals at once (a selection after a
-    prompt chunk, ``engine.chunked``, is reported with its request's last), and the scheduler
-    nudged to admit into them."""
+    """One selection, counted where it happens (after a prefill chunk, ``engine.chunked``, after a
+    prompt, of a continued turn): ``selections``, the slots it freed and its time, in the totals
+    and ``/metrics`` at once; and the scheduler nudged to admit into the freed slots."""
     memory_freed()
+    REGISTRY.totals["selections"] += 1
     REGISTRY.totals["freed_slots"] += report["slots_freed"]
     REGISTRY.totals["compression_seconds"] += report["compression_ms"] / 1000
+    metrics.selection(report)
 
 
-def record(worker, req, report: dict, first: bool) -> None:
-    """Everything one compression (``first``) or re-selection of a continued turn reports."""
-    count_selection(report)
+def record(worker, req, report: dict, first: bool, selected: bool = True) -> None:
+    """Everything one compression (``first``) or re-selection of a continued turn reports
+    (``selected``: false for a prompt compressed chunk by chunk whose last chunk needed no
+    selection; its selections were counted as they happened)."""
+    if selected:
+        count_selection(report)
     totals = REGISTRY.totals
     if first:
         totals["compressed_requests"] += 1
         totals["kept_cells"] += report["kept_cells"]
-    metrics.record(report)
+    else:
+        totals["reselections"] += 1
+    metrics.compressed(report, first)
     attach(req, report)
     r = report
     chunked = (f" chunked: {r['chunk_selections']} selections, peak_slots={r['peak_slots']}, "

@@ -137,7 +137,9 @@ class Registry:
         self.scheduler = None  # this process's Scheduler (set when it starts; engine.startup)
         # Rows examined at their first prefill and not chosen for compression: row -> request (weak).
         self.not_compressed: dict = {}
-        self.totals = {"compressed_requests": 0, "kept_cells": 0, "freed_slots": 0, "compression_seconds": 0.0,
+        # The same events as /metrics' sglang:lava_* series (engine.report, engine.metrics).
+        self.totals = {"compressed_requests": 0, "selections": 0, "kept_cells": 0, "freed_slots": 0,
+                       "compression_seconds": 0.0,
                        "released_requests": 0, "retracted_requests": 0, "replayed_requests": 0,
                        "continued_turns": 0, "reselections": 0, "earlier_kept_cells_dropped": 0,
                        "continued_prefill_tokens": 0}

@@ -41,9 +41,6 @@ CONFIGS = {
     # The same on two CPU ranks (tests/test_examples.py fills in the env var that binds each rank to a
     # core), prefill in 256-token chunks (compression during chunked prefill on each rank).
     "lava-dp2": (("--kv-policy", "lava", "--kv-budget", "128", "--dp-size", "2", "--chunked-prefill-size", "256"), {}),
-    # tests/test_server_basic.py: a server whose budget covers its prompts, and one without compression.
-    "lava-4096": (("--kv-policy", "lava", "--kv-budget", "4096"), {}),
-    "none-plain": (("--kv-policy", "none"), {}),
     # tests/test_reliability.py: a 640-slot pool, 64-token chunks, admission that reserves almost
     # nothing for decode tokens (so long decodes outgrow the pool and the scheduler retracts).
     "reliability": (("--kv-policy", "lava", "--kv-budget", "64", "--max-total-tokens", "640", "--chunked-prefill-size",
@@ -56,7 +53,8 @@ CONFIGS = {
     # LAVa, chunked prefill, sessions, metrics, debug invariants: tests/test_sessions*.py,
     # tests/test_examples.py, the chunked cases of tests/test_engine_server.py.
     "lava-chunked": (("--kv-policy", "lava", "--kv-budget", "128", *SESSION_FLAGS, "--enable-metrics"), DEBUG_ENV),
-    # Its uncompressed twin (same chunking: greedy outputs compare token for token).
+    # Its uncompressed twin (same chunking: greedy outputs compare token for token); also the
+    # server without compression of tests/test_reliability.py and tests/test_safety.py.
     "none": (("--kv-policy", "none", *SESSION_FLAGS), {}),
     # tests/test_sessions_resend.py: a pool that holds four parked conversations (streaming
     # sessions on: tests/test_safety_memory.py's session turn behind a blocked head, which SGLang's
@@ -78,16 +76,15 @@ CONFIGS = {
                        "--max-total-tokens", "8192", "--kv-park-max-slots", "300"), DEBUG_ENV),
 }
 # The order the pooled tests run in, by the configurations each names (the first, where the
-# combination is not listed). Every configuration starts once with two live servers: lava-4096
-# and none-plain evict lava and lava-dp2; reliability and retract evict those; lava-chunked and
+# combination is not listed). Every configuration starts once with two live servers:
+# reliability and retract evict lava and lava-dp2; lava-chunked and
 # none arrive together for the tests comparing them; the lava-chunked-only tests then make it the
 # most recently used, so the small pool's test (which also uses lava-chunked) evicts none.
-CONFIG_ORDER = ("lava", "lava-dp2", "lava-4096+none-plain", "none-plain", "reliability", "retract",
+CONFIG_ORDER = ("lava", "lava-dp2", "reliability", "retract",
                 "lava-chunked+none", "none", "lava-chunked", "lava-small-pool", "lava-tiny-pool", "lava-tiny-noradix",
                 "lava-park-cap")
 # Pooled tests in modules that do not name their configurations (server_configs markers) themselves.
 UNMARKED = {
-    "test_server_basic.py::test_lava_greedy_output_equals_none_when_budget_covers_prompt": ("lava-4096", "none-plain"),
     "test_server_basic.py": ("lava",),
 }
 

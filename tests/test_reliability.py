@@ -121,9 +121,9 @@ def test_bad_request_settings_get_400_naming_the_field(server):
     still_serves(server)
 
 
-@pytest.mark.server_configs("none-plain")
+@pytest.mark.server_configs("none")
 def test_compression_settings_on_a_server_without_compression_get_400(servers):
-    server = servers.config("none-plain")
+    server = servers.config("none")
     for custom, field in (({"kv_policy": "lava"}, "kv_policy"), ({"kv_budget": 256}, "kv_budget")):
         status, body = post_status(server, custom)
         assert status == 400 and field in body and "--kv-policy none" in body, (custom, status, body)

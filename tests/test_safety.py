@@ -29,7 +29,7 @@ from lava_sglang.launch import check_whole
 from lava_sglang.workloads import default_corpus_dir, haystack, load_corpus
 
 # The LAVa cases run on the suite's shared "lava" server (debug invariants on, fault injection
-# armed for rids starting with "lava-fault-"); the `none` half of case 2 on "none-plain".
+# armed for rids starting with "lava-fault-"); the `none` half of case 2 on "none".
 pytestmark = [pytest.mark.server, pytest.mark.server_configs("lava")]
 
 ENV = {"LAVA_SGLANG_DEBUG": "1", "SGLANG_REQUEST_STATE_WAIT_TIMEOUT": "1"}
@@ -204,13 +204,13 @@ BAD_INPUTS = {
 }
 
 
-@pytest.mark.parametrize("policy", ["lava", pytest.param("none", marks=pytest.mark.server_configs("none-plain"))])
+@pytest.mark.parametrize("policy", ["lava", pytest.param("none", marks=pytest.mark.server_configs("none"))])
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_case2_empty_or_out_of_vocabulary_prompt_is_a_400(servers, policy, case):
     """An empty prompt or an id outside the vocabulary is an HTTP 400 (naming the id where one is
     bad), under LAVa and with compression off; the server keeps serving. (Refused on the tokenizer
     side: a short idle suffices for the idle checker.)"""
-    server = main_server(servers) if policy == "lava" else config_server(servers, "none-plain")
+    server = main_server(servers) if policy == "lava" else config_server(servers, "none")
     payload, named = BAD_INPUTS[case]
     status, body = post(server, {**payload, "sampling_params": {"max_new_tokens": 4}}, timeout=120)
     assert status == 400, (status, str(body)[:500])

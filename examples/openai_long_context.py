@@ -12,9 +12,10 @@ Start a server with the plugin, e.g.
 The same ~1.4k-token passkey prompt is sent three times through the OpenAI completions API:
 with the server's default settings, with a per-request budget
 (``extra_body={"custom_params": {"kv_budget": 64}}``) and with compression switched off for
-that request (``{"kv_policy": "none"}``). The OpenAI responses do not carry the plugin's
-per-request report (``meta_info`` exists only on the native ``/generate`` API), so the example
-reads the server's compression counters from ``GET /server_info`` before and after each request.
+that request (``{"kv_policy": "none"}``). Completions responses do not carry the plugin's
+per-request report (SGLang 0.5.23 ignores ``return_meta_info`` there; a non-streamed chat
+completion with ``return_meta_info: true`` has it, docs/guides.md), so the example reads the
+server's compression counters from ``GET /server_info`` before and after each request.
 
 The prompt starts with a run-unique line: a prompt that an uncompressed request has already
 published to the radix tree would be reused as a shared prefix on the next run, and a shared

@@ -49,6 +49,14 @@ def test_dfs_weight_schedule_policy_is_refused(settings_problems):
     assert settings_problems("--schedule-policy", "lof") == []
 
 
+def test_a_bad_kernel_choice_is_refused(settings_problems, monkeypatch):
+    monkeypatch.setenv("LAVA_KERNEL_IMPL", "cuda")
+    problems = settings_problems()
+    assert len(problems) == 1 and "LAVA_KERNEL_IMPL='cuda'" in problems[0] and "triton" in problems[0], problems
+    monkeypatch.setenv("LAVA_KERNEL_IMPL", "torch")
+    assert settings_problems() == []
+
+
 def test_pd_disaggregation_is_refused(settings_problems):
     problems = settings_problems("--disaggregation-mode", "prefill")
     assert len(problems) == 1 and "PD disaggregation (--disaggregation-mode prefill" in problems[0], problems

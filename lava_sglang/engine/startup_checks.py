@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from lava_sglang.kernels import dispatch
+
 
 # --kv-cache-dtype values that keep the model's float types (SGLang's choices add fp8 and fp4 ones)
 FLOAT_KV_DTYPES = ("auto", "bf16", "bfloat16", "fp16", "float16", "half", "fp32", "float32", "float")
@@ -39,6 +41,10 @@ def unsupported_settings(cfg: Any) -> list[str]:
     if str(_value(getattr(cfg, "schedule_policy", "fcfs")) or "fcfs") == "dfs-weight":
         problems.append("--schedule-policy dfs-weight (SGLang's dfs-weight sort raises on the virtual tree node of a "
                         "request that continues a parked conversation or a session, and the scheduler dies)")
+    try:  # a bad value would otherwise fail every compressed request's attention
+        dispatch.forced_impl()
+    except ValueError as exc:
+        problems.append(str(exc))
     pd = str(_value(getattr(cfg, "disaggregation_mode", "null")) or "null")
     if pd.lower() not in ("null", "none"):
         problems.append(f"PD disaggregation (--disaggregation-mode {pd}; a prefill server would ship a repacked, "

@@ -227,8 +227,11 @@ def finish_turn(worker, req, state: CompressedRequest, chunk_hi: int, elapsed: f
         ok, report = _run_reselect(worker, req, state, pend)
         if not ok:
             return
-    if report is None:  # everything fits the budget: the layout stays as it is
-        report = dict(state.report, turn=state.turns, continued=state.turns > 1, reselected=False)
+    if report is None:  # everything fits the budget: the layout stays as it is, the turn's tokens appended
+        appended = max(0, end - state.prompt_len)
+        report = dict(state.report, turn=state.turns, continued=state.turns > 1, reselected=False, prompt_tokens=end,
+                      private_tokens=end - state.prefix_len, private_slots=state.kept_slots + appended,
+                      slots_held=state.prefix_len + state.kept_slots + appended)
         if chunked:  # its selections are in the tally already
             report.update(compression_ms=0.0, slots_freed=0)
     elif chunked:

@@ -22,7 +22,7 @@ run: setup
 
 # The full test suite (unit tests, then the real server on CPU).
 test: setup
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --durations=25 tests
 
 # Engine-free tests only (about 2 minutes: the kernels run in the Triton interpreter).
 test-fast: setup

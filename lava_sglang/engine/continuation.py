@@ -16,7 +16,7 @@ the turn finishes, and the next turn runs over it:
    history, the kept cells, the earlier answers and the new turn, is scored again per (layer,
    KV head) against the new window and selected with the turn's budget, then repacked into the
    slots the row owns; the rest go back to the allocator. A conversation so holds about its
-   budget per (layer, head) plus the window, whatever its number of turns; a cell kept at
+   budget per (layer, head), the window included, whatever its number of turns; a cell kept at
    turn 1 may be dropped at turn 5 (``earlier_kept_cells_dropped`` in the turn's report).
 
 Whether a chunk continues a compressed row is decided by the row's state and the request

@@ -90,6 +90,15 @@ class CompressionConfig:
                                        "--max-running-requests); each holds a row, taken back least recently used "
                                        "whenever a request needs one.", low=0, high=1 << 24, server_only=True)
 
+    # Compression during decode (engine/decode_compression.py): the generated tokens are the
+    # history's newest chunk.
+    decode_budget: int = knob(0, int, "Compress while generating (0: off): every time a request's private history has "
+                              "grown --kv-decode-interval tokens past this many per KV head per layer, it is re-selected "
+                              "to this many, so it holds at most max(budget, decode budget) + interval + 1 private slots "
+                              "however long it generates.", low=0, high=1 << 20)
+    decode_interval: int = knob(128, int, "Tokens generated between two selections during decode; at least the window.",
+                                low=1, high=1 << 20)
+
     # Public names of the fields: CLI flag ``--kv-<name>`` and request key ``kv_<name>``.
     @staticmethod
     def flag(field: str) -> str:
@@ -127,6 +136,12 @@ class CompressionConfig:
                 f"must be larger than the window ({name('window')} = {self.window}) because the budget "
                 f"counts the window; got {self.budget}",
             )
+        if self.decode_budget and self.decode_budget <= self.window:
+            raise ConfigError(name("decode_budget"), f"must be 0 (off) or larger than the window ({name('window')} = "
+                              f"{self.window}); got {self.decode_budget}")
+        if self.decode_budget and self.decode_interval < self.window:
+            raise ConfigError(name("decode_interval"), f"must be at least the window ({name('window')} = {self.window}): "
+                              f"a selection is scored by the last window generated tokens; got {self.decode_interval}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

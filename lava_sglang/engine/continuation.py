@@ -109,10 +109,11 @@ def _head_scores(policy, cfg, queries, k_flat, v_flat, prefix_cells, mid_h, appe
 
 
 def reselect(state: CompressedRequest, req_to_token: torch.Tensor, kv_pool, allocator,
-             prefill_seconds: float = 0.0) -> Optional[dict]:
+             prefill_seconds: float = 0.0, decode: bool = False) -> Optional[dict]:
     """Re-select the history of ``state`` with the captured window of its running turn and
     repack it (module docstring, step 3). Returns the turn's report, or None when everything
-    fits in the budget (the layout then stays as it is)."""
+    fits in the budget (the layout then stays as it is). ``decode``: a selection while the
+    request generates (``engine.decode_compression``), which reports apart from its turn."""
     started = time.perf_counter()
     pend, state.reselect = state.reselect, None
     cfg, row, P, L, end = pend.config, state.row, state.prefix_len, state.prompt_len, pend.prompt_len
@@ -157,8 +158,9 @@ def reselect(state: CompressedRequest, req_to_token: torch.Tensor, kv_pool, allo
     report = make_report(cfg, keep, end - P, end, P, kept_slots, freed, time.perf_counter() - started, prefill_seconds, H)
     report.update({"turn": state.turns, "continued": True, "reselected": True,
                    "earlier_kept_cells": earlier, "earlier_kept_cells_dropped": dropped})
-    state.report = report
-    REGISTRY.totals["earlier_kept_cells_dropped"] += dropped
+    if not decode:
+        state.report = report
+        REGISTRY.totals["earlier_kept_cells_dropped"] += dropped
     return report
 
 

@@ -15,6 +15,7 @@ import time
 
 from lava_sglang.engine.cells import pool_cells
 from lava_sglang.engine.decode import decode_attention
+from lava_sglang.engine.decode_compression import after_decode, capture, step_windows
 from lava_sglang.engine.failures import armed, fail_request, inject
 from lava_sglang.engine.guard import after_chunk
 from lava_sglang.engine.layout import attend, forget_decode_steps, save_kv
@@ -38,13 +39,19 @@ def around_forward_batch_generation(original, self, batch=None, *args, **kwargs)
     mode = batch.forward_mode
     runner = self.model_runner
     if mode.is_decode():
-        if not any(REGISTRY.compressed_for(r.kv.req_pool_idx) is not None for r in batch.reqs):
+        layout = any(REGISTRY.compressed_for(r.kv.req_pool_idx) is not None for r in batch.reqs)
+        windows = step_windows(batch)  # requests compressed during decode (engine.decode_compression)
+        if not layout and not windows:
             return original(self, batch, *args, **kwargs)
-        _STEP = DecodeStep(runner.req_to_token_pool.req_to_token, runner.token_to_kv_pool, batch.reqs)
+        step = _STEP = DecodeStep(runner.req_to_token_pool.req_to_token, runner.token_to_kv_pool, batch.reqs,
+                                  layout=layout, windows=windows)
         try:
-            return original(self, batch, *args, **kwargs)
+            result = original(self, batch, *args, **kwargs)
         finally:
             _STEP = None
+        if windows and not getattr(step, "bypass", False):
+            after_decode(self, step)
+        return result
     if not mode.is_extend():
         return original(self, batch, *args, **kwargs)
     forget_decode_steps()
@@ -92,6 +99,9 @@ def _attention(original, self, q, k, v, forward_batch, step, *args, **kwargs):
     save_kv_cache = args[0] if args else kwargs.get("save_kv_cache", True)
     if isinstance(step, DecodeStep):
         if not forward_batch.forward_mode.is_decode():
+            return original(self, q, k, v, forward_batch, *args, **kwargs)
+        capture(step, self, q)  # the window of the requests compressed during decode
+        if not step.layout:  # nothing compressed yet: SGLang's own attention
             return original(self, q, k, v, forward_batch, *args, **kwargs)
         for req in step.reqs if armed() else ():  # tests: a kernel error inside a layer
             if REGISTRY.compressed_for(req.kv.req_pool_idx) is not None:

@@ -39,6 +39,10 @@ def _choose(req, prefix_len_in_row: int) -> Optional[PendingRequest]:
     if max_new is not None and max_new <= 0 and not getattr(session, "streaming", False):
         return None  # prefix primers seed shared prefixes: never compressed (a session's context turn is)
     prompt_len = len(req.origin_input_ids)
+    if config.decode_budget and req.output_ids:
+        # Prefilled again after a retraction while it compressed during decode: what it generated
+        # is prefilled with its prompt and compressed with it (engine.decode_compression).
+        prompt_len = len(req.full_untruncated_fill_ids)
     P = int(req.kv.cache_protected_len)
     if not should_compress(config, P, prompt_len) or P > prefix_len_in_row:
         return None

@@ -13,7 +13,9 @@ from __future__ import annotations
 import logging
 
 from lava_sglang.engine.accounting import after_release, session_records
+from lava_sglang.engine.decode_compression import forget as forget_window
 from lava_sglang.engine.long_prompts import lifted_config
+from lava_sglang.engine.settings import request_config
 from lava_sglang.engine.state import REGISTRY, owns
 
 logger = logging.getLogger("lava_sglang")
@@ -34,6 +36,7 @@ def _drop_state(row, req=None) -> None:
     if row is None:
         return
     row = int(row)
+    forget_window(row)
     REGISTRY.pending.pop(row, None)
     if REGISTRY.compressed.pop(row, None) is not None:
         REGISTRY.totals["released_requests"] += 1
@@ -72,14 +75,17 @@ def around_release_kv_cache(original, req, tree_cache, *args, **kwargs):
     row, rid = req.kv.req_pool_idx, req.rid
     state = REGISTRY.compressed_for(row)
     if state is not None and owns(state, req) and _is_retraction(req):
-        if state.chunk_mid_prompt or lifted_config(req) is not None:
+        if state.chunk_mid_prompt or lifted_config(req) is not None or request_config(req).decode_budget:
             # Selected chunk by chunk (each chunk's keys were computed over the compressed history of
             # the chunks before it, which a re-prefill does not reproduce), or admitted on its
             # chunked bound (a replay prefills prompt and output whole, which that bound does not
             # cover): it is compressed afresh chunk by chunk, within its bound; nothing is replayed.
-            logger.warning("lava-sglang: request %s (compressed during chunked prefill) retracted; its re-prefill is "
-                           "compressed again chunk by chunk, not replayed: its output may differ from a run without "
-                           "retraction", rid)
+            # Selected during decode: the generated tokens' keys were computed over a history that
+            # changed at every selection; the re-prefill (prompt and output) is compressed afresh.
+            decode = bool(request_config(req).decode_budget)
+            logger.warning("lava-sglang: request %s (compressed during %s) retracted; its re-prefill is "
+                           "compressed again%s, not replayed: its output may differ from a run without "
+                           "retraction", rid, "decode" if decode else "chunked prefill", "" if decode else " chunk by chunk")
         else:
             REGISTRY.remember_retracted(state)
             if state.turns > 1:

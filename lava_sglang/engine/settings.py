@@ -91,8 +91,9 @@ def should_compress(config: CompressionConfig, prefix_len: int, seq_len: int) ->
     return needs_compression(config, prefix_len, seq_len)
 
 
-# How a turn's own prompt is prefilled does not change what a conversation holds.
-_PREFILL_ONLY = ("prefill_compression",)
+# How a turn's own prompt is prefilled, or its output compressed, does not change what a
+# conversation holds.
+_PREFILL_ONLY = ("prefill_compression", "decode_budget", "decode_interval")
 
 
 def conversation_settings(config: CompressionConfig) -> tuple:

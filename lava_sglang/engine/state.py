@@ -92,6 +92,12 @@ class CompressedRequest:
     chunk_freed: int = 0
     chunk_mid_prompt: bool = False  # a selection before the prompt was complete
     prefill_trace: list = field(default_factory=list)
+    # Compression during decode (engine.decode_compression): selections made while generating,
+    # the most private slots held while generating, their seconds and freed slots.
+    decode_selections: int = 0
+    decode_peak_slots: int = 0
+    decode_compression_s: float = 0.0
+    decode_freed: int = 0
 
     @property
     def freed_range(self) -> tuple[int, int]:

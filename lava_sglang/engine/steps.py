@@ -42,10 +42,15 @@ class ExtendStep:
 
 
 class DecodeStep:
-    def __init__(self, req_to_token, kv_pool, reqs=()):
+    """A decode forward: ``layout`` when a request of the batch reads over a compressed layout;
+    ``windows``: the requests compressed during decode (``engine.decode_compression``)."""
+
+    def __init__(self, req_to_token, kv_pool, reqs=(), layout: bool = True, windows=()):
         self.req_to_token = req_to_token
         self.kv_pool = kv_pool
         self.reqs = list(reqs)
+        self.layout = layout
+        self.windows = list(windows)
         self.plan = None
         self.plan_batch = None
 

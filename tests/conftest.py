@@ -21,6 +21,8 @@ import signal
 
 import pytest
 
+from lava_sglang.workloads import default_corpus_dir, haystack, load_corpus
+
 MAX_LIVE = 2
 # Small KV pool: fast start-up on CPU, still room for several 4k-token requests.
 BASE_FLAGS = ("--max-total-tokens", "24576", "--log-level", "info", "--sleep-on-idle")
@@ -101,6 +103,16 @@ def tokenizer(model_path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model_path)
+
+
+@pytest.fixture(scope="session")
+def ids_of(tokenizer):
+    """``ids_of(n, seed)``: ``n`` token ids of a haystack of the corpus (real text), seeded."""
+    corpus = load_corpus(default_corpus_dir())
+
+    def make(n, seed):
+        return tokenizer.encode(haystack(n + 50, corpus, seed=seed, tokenizer=tokenizer))[:n]
+    return make
 
 
 class ServerPool:

@@ -15,20 +15,10 @@ import pytest
 
 from lava_sglang.launch import check_whole, drop, http_json, leaked_slots, open_generate, post_generate, settled
 from lava_sglang.sglang_log import PREFILL_LINE
-from lava_sglang.workloads import default_corpus_dir, haystack, load_corpus
 
 pytestmark = [pytest.mark.server, pytest.mark.server_configs("lava-chunked")]
 
 CHUNK, WINDOW = 256, 32
-
-
-@pytest.fixture(scope="module")
-def ids_of(tokenizer):
-    corpus = load_corpus(default_corpus_dir())
-
-    def make(n, seed):
-        return tokenizer.encode(haystack(n + 50, corpus, seed=seed, tokenizer=tokenizer))[:n]
-    return make
 
 
 def generate(server, ids, max_new_tokens=8, **custom):

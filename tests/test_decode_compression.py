@@ -13,18 +13,8 @@ import urllib.request
 import pytest
 
 from lava_sglang.launch import http_json, leaked_slots
-from lava_sglang.workloads import default_corpus_dir, haystack, load_corpus
 
 pytestmark = [pytest.mark.server, pytest.mark.server_configs("lava-chunked")]
-
-
-@pytest.fixture(scope="module")
-def ids_of(tokenizer):
-    corpus = load_corpus(default_corpus_dir())
-
-    def make(n, seed):
-        return tokenizer.encode(haystack(n + 50, corpus, seed=seed, tokenizer=tokenizer))[:n]
-    return make
 
 
 def generate(server, ids, max_new_tokens, **custom):

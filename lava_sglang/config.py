@@ -38,7 +38,7 @@ class Knob:
     choices: tuple = ()
     odd: bool = False
     server_only: bool = False  # sizes the whole server: a request cannot set it
-    metavar: str = ""
+    what: str = "value"  # what a choice is called in an error ("unknown policy 'h2o'")
 
 
 def knob(default, kind: type, help: str, **rules) -> Any:
@@ -66,12 +66,12 @@ class CompressionConfig:
     # prompt per head, pooling kernel x prompt; a budget or a minimum prompt length past any
     # context length is meaningless.
     policy: str = knob("none", str, "KV-cache eviction policy; 'none' leaves SGLang's behaviour alone.",
-                       choices=POLICIES)
+                       choices=POLICIES, what="policy")
     budget: int = knob(128, int, "Average kept tokens per KV head per layer, observation window included (the "
                        "papers' max_capacity_prompt); must be larger than the window.", low=0, high=1 << 20)
     window: int = knob(32, int, "Observation window: the last prompt tokens, whose queries score the cache; "
                        "always kept.", low=1, high=1024)
-    pooling: str = knob("max", str, "Pooling of the scores along the sequence.", choices=POOLINGS)
+    pooling: str = knob("max", str, "Pooling of the scores along the sequence.", choices=POOLINGS, what="pooling")
     kernel_size: int = knob(7, int, "Pooling kernel size (odd).", low=1, high=127, odd=True)
     floor_alpha: float = knob(0.2, float, "Share of each head's budget guaranteed before the cross-head top-k "
                               "(adakv, lava).", low=0.0, high=1.0)
@@ -80,7 +80,7 @@ class CompressionConfig:
     prefill_compression: str = knob(
         "after", str, "after: compress once the whole prompt is prefilled; chunked: re-select after every prefill "
         "chunk (--chunked-prefill-size), so a request holds at most budget + chunk + window + 1 slots while it is "
-        "prefilled and prompts longer than the pool can be served.", choices=PREFILL_MODES)
+        "prefilled and prompts longer than the pool can be served.", choices=PREFILL_MODES, what="mode")
     park: bool = knob(True, bool, "Park a compressed request's state when it finishes, so a request that resends its "
                       "whole history continues over it and prefills only its new tokens (engine/parking.py).")
     park_max_slots: int = knob(0, int, "Most KV slots parked conversations hold together (0: no cap but the pool; "
@@ -172,7 +172,7 @@ def check(spec: Knob, value, name: str) -> None:
         return
     if spec.choices:
         if value not in spec.choices or not isinstance(value, str):
-            raise ConfigError(name, f"unknown value {value!r}; choose one of {', '.join(spec.choices)}")
+            raise ConfigError(name, f"unknown {spec.what} {value!r}; choose one of {', '.join(spec.choices)}")
         return
     if spec.kind is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ConfigError(name, f"must be an integer, got {value!r}")

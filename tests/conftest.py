@@ -139,6 +139,9 @@ class ServerPool:
             return self.last
         if key in self.live:
             self.live.pop(key).stop()
+        for other in [k for k in self.live if "--dp-size" in k]:
+            # SGLang's data-parallel controller spins a core while idle: never left beside another
+            self.live.pop(other).stop()
         while len(self.live) >= MAX_LIVE:
             _, old = self.live.popitem(last=False)
             old.stop()

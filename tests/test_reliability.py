@@ -90,7 +90,7 @@ BAD_SETTINGS = [
     ({"kv_kernel_size": 0}, "kv_kernel_size", "odd"),
     ({"kv_floor_alpha": -0.1}, "kv_floor_alpha", "[0, 1]"),
     ({"kv_floor_alpha": "0.5"}, "kv_floor_alpha", "number"),
-    ({"kv_pyramid_beta": 0.5}, "kv_pyramid_beta", "at least 1"),
+    ({"kv_pyramid_beta": 0.5}, "kv_pyramid_beta", "[1, 1000]"),
     ({"kv_pooling": "min"}, "kv_pooling", "unknown pooling"),
     ({"kv_pooling": 3}, "kv_pooling", "unknown pooling"),
     ({"kv_policy": 5}, "kv_policy", "unknown policy"),

@@ -53,8 +53,7 @@ class DecodeWindow:
     owner: Optional[weakref.ref]
     window: int
     queries: dict = field(default_factory=dict)  # layer id -> [w, Hq, D]
-    generated: int = 0  # decode steps seen (tokens whose query was captured)
-    since_selection: int = 0
+    since_selection: int = 0  # decode steps since its last selection (or since it began decoding)
     peak_slots: int = 0  # most private slots held while generating (before any state existed)
 
     def capture(self, layer_id: int, q_row: torch.Tensor, position: int) -> None:
@@ -73,20 +72,16 @@ class DecodeWindow:
 WINDOWS: dict[int, DecodeWindow] = {}  # row -> the window of the request decoding on it
 
 
-def decode_budget(req) -> int:
-    config = request_config(req)
-    return config.decode_budget if config.enabled else 0
-
-
 def window_for(req) -> Optional[DecodeWindow]:
     """The request's ring buffer (made on its first decode step), or None when it does not
     compress during decode."""
-    if decode_budget(req) <= 0 or req.kv.req_pool_idx is None:
+    config = request_config(req)
+    if not (config.enabled and config.decode_budget > 0) or req.kv.req_pool_idx is None:
         return None
     row = int(req.kv.req_pool_idx)
     win = WINDOWS.get(row)
     if win is None or not owns(win, req):
-        win = WINDOWS[row] = DecodeWindow(owner_ref(req), request_config(req).window)
+        win = WINDOWS[row] = DecodeWindow(owner_ref(req), config.window)
     return win
 
 
@@ -125,7 +120,6 @@ def after_decode(worker, step) -> None:
     for i, win, position in step.windows:
         req = step.reqs[i]
         end = position + 1  # tokens with keys and values in the row, this step's included
-        win.generated += 1
         win.since_selection += 1
         state = REGISTRY.compressed_for(req.kv.req_pool_idx)
         config = request_config(req)

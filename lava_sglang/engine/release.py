@@ -75,14 +75,14 @@ def around_release_kv_cache(original, req, tree_cache, *args, **kwargs):
     row, rid = req.kv.req_pool_idx, req.rid
     state = REGISTRY.compressed_for(row)
     if state is not None and owns(state, req) and _is_retraction(req):
-        if state.chunk_mid_prompt or lifted_config(req) is not None or request_config(req).decode_budget:
+        decode = bool(request_config(req).decode_budget)
+        if state.chunk_mid_prompt or lifted_config(req) is not None or decode:
             # Selected chunk by chunk (each chunk's keys were computed over the compressed history of
             # the chunks before it, which a re-prefill does not reproduce), or admitted on its
             # chunked bound (a replay prefills prompt and output whole, which that bound does not
             # cover): it is compressed afresh chunk by chunk, within its bound; nothing is replayed.
             # Selected during decode: the generated tokens' keys were computed over a history that
             # changed at every selection; the re-prefill (prompt and output) is compressed afresh.
-            decode = bool(request_config(req).decode_budget)
             logger.warning("lava-sglang: request %s (compressed during %s) retracted; its re-prefill is "
                            "compressed again%s, not replayed: its output may differ from a run without "
                            "retraction", rid, "decode" if decode else "chunked prefill", "" if decode else " chunk by chunk")

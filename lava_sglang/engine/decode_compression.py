@@ -17,9 +17,10 @@ A request with ``kv_decode_budget N > 0`` (``--kv-decode-budget``) and ``kv_deco
 Every selection is counted where it happens (``report.count_selection``) and the request's report
 carries ``decode_selections``, ``decode_peak_slots``, ``decode_compression_ms_total`` and
 ``decode_slots_freed_total``. A request selected during decode is never replayed after a
-retraction (``engine.release``): its re-prefill is compressed afresh. SGLang's admission still
-reserves each request's whole ``max_new_tokens``; it does not know the bound yet. No SGLang import
-at module level.
+retraction (``engine.release``): its re-prefill is compressed afresh, chunk by chunk where the
+server has chunked prefill. Admission reserves the bound, not the whole output
+(``engine.decode_admission``), and ``engine.guard`` enforces it. ``kv_min_prompt_len`` does not
+delay a decode selection: the decode budget is the bound. No SGLang import at module level.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def after_decode(worker, step) -> None:
         N, D, w = config.decode_budget, config.decode_interval, config.window
         if held < N + D or win.since_selection < w:
             continue
-        target = dataclasses.replace(config, budget=N)
+        target = dataclasses.replace(config, budget=N, min_prompt_len=0)  # the decode budget is the bound
         if state is None and not should_compress(target, prefix, end):
             continue
         try:

@@ -17,7 +17,7 @@ from lava_sglang.engine.cells import pool_cells
 from lava_sglang.engine.decode import decode_attention
 from lava_sglang.engine.decode_compression import after_decode, capture, step_windows
 from lava_sglang.engine.failures import armed, fail_request, inject
-from lava_sglang.engine.guard import after_chunk
+from lava_sglang.engine.guard import after_chunk, after_decode_step
 from lava_sglang.engine.layout import attend, forget_decode_steps, save_kv
 from lava_sglang.engine.prefill import finish_extend, prepare_extend
 from lava_sglang.engine.settings import server_config
@@ -51,6 +51,7 @@ def around_forward_batch_generation(original, self, batch=None, *args, **kwargs)
             _STEP = None
         if windows and not getattr(step, "bypass", False):
             after_decode(self, step)
+            after_decode_step(self, step)  # the decode bound, enforced
         return result
     if not mode.is_extend():
         return original(self, batch, *args, **kwargs)

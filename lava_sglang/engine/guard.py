@@ -1,4 +1,4 @@
-"""The chunked bound, enforced at run time.
+"""The chunked and decode bounds, enforced at run time.
 
 A request admitted on its chunked bound (``engine.long_prompts``) was let in on the promise that
 its private slots never exceed ``budget + chunk + window + 1`` (``chunked.peak_bound``); three of
@@ -10,7 +10,10 @@ that next chunk either (free plus evictable slots; otherwise a warning and it go
 request is aborted through SGLang's chunked-request abort path (``failures.abort``) with an error naming
 the bound, before the next chunk is allocated: SGLang would otherwise force that chunk ("a
 continuation must make progress") into a pool that cannot hold it, and the scheduler would die
-with every user's requests. No SGLang import at module level.
+with every user's requests. The same for a request admitted on its decode peak
+(``engine.decode_admission``): after each decode step and its selections, one that holds more
+than that peak while the pool cannot hold the batch's next tokens is aborted alone
+(:func:`after_decode_step`). No SGLang import at module level.
 """
 
 from __future__ import annotations
@@ -18,24 +21,16 @@ from __future__ import annotations
 import logging
 
 from lava_sglang.engine.chunked import next_chunk_overflow
+from lava_sglang.engine.decode_admission import PROMISED, held_now
 from lava_sglang.engine.failures import abort, aborting
 from lava_sglang.engine.long_prompts import ON_BOUND, chunk_size, lifted_config, resident_slots
-from lava_sglang.engine.state import REGISTRY, owns
+from lava_sglang.engine.settings import request_config
+from lava_sglang.engine.state import REGISTRY, private_slots
 
 logger = logging.getLogger("lava_sglang")
 
 TOTALS = {"bound_aborts": 0}
-
-
-def private_slots(req, chunk_hi: int) -> int:
-    """The slots ``req``'s row owns past its shared prefix once ``chunk_hi`` tokens are in it."""
-    row = int(req.kv.req_pool_idx)
-    state = REGISTRY.compressed.get(row)
-    if state is not None and owns(state, req):
-        return int(state.kept_slots) + max(0, chunk_hi - int(state.prompt_len))
-    pending = REGISTRY.pending.get(row)
-    P = pending.prefix_len if pending is not None and owns(pending, req) else int(req.kv.cache_protected_len)
-    return chunk_hi - int(P)
+_WARNED = "_lava_over_decode_peak"  # on SGLang's Req: warned once that it holds more than its decode peak
 
 
 def after_chunk(batch) -> None:
@@ -72,3 +67,37 @@ def after_chunk(batch) -> None:
     if abort(req, message):
         TOTALS["bound_aborts"] += 1
         logger.error(message)
+
+
+def after_decode_step(worker, step) -> None:
+    """After a decode forward (and its selections): a request admitted on its decode peak
+    (``engine.decode_admission``) that holds more than that peak, while the pool cannot hold the
+    batch's next tokens, is aborted alone, with an error naming the bound; with room it goes on
+    (a warning), and its next selection brings it back."""
+    for i, _win, _position in step.windows:
+        req = step.reqs[i]
+        promised = getattr(req, PROMISED, None)
+        if promised is None or aborting(req) or req.kv.req_pool_idx is None:
+            continue
+        held = held_now(req)
+        if held <= promised:
+            continue
+        scheduler = REGISTRY.scheduler
+        free = int(worker.model_runner.token_to_kv_pool_allocator.available_size())
+        if scheduler is not None:
+            free += int(scheduler.tree_cache.evictable_size())
+        if free >= len(step.reqs):
+            if getattr(req, _WARNED, False):
+                continue
+            setattr(req, _WARNED, True)
+            logger.warning("lava-sglang: request %s holds %d private slots, over the decode peak %d it was admitted "
+                           "on; the pool still holds its next token", req.rid, held, promised)
+            continue
+        config = request_config(req)
+        message = (f"lava-sglang: request {req.rid} was admitted on its decode bound of {promised} KV slots "
+                   f"(kv_decode_budget {config.decode_budget} + kv_decode_interval {config.decode_interval} + 1, or "
+                   f"what it held when it began generating + kv_window {config.window}), and holds {held} after "
+                   f"{len(req.output_ids)} generated tokens with the pool full; aborted")
+        if abort(req, message):
+            TOTALS["bound_aborts"] += 1
+            logger.error(message)

@@ -14,7 +14,9 @@ The subsystems (``docs/design.md``):
 * ``release``: what a released row frees; ``accounting``: slots and invariants;
 * ``parking`` (with ``parking_lot``) and ``admission``: parked conversations as a cache;
 * ``long_prompts`` (with ``chunked``): compression during chunked prefill lifts the pool part of
-  the length limit and admits on what one chunk needs.
+  the length limit and admits on what one chunk needs;
+* ``decode_admission`` (with ``decode_compression``): a request compressed during decode
+  reserves its decode peak, not its whole output, and its output is not clipped by the pool.
 
 Flow of one compressed request (scheduler process):
 
@@ -38,10 +40,11 @@ Flow of one compressed request (scheduler process):
 
 from __future__ import annotations
 
-from lava_sglang.engine import (accounting, admission, forward, long_prompts, parking, pool_alloc, release, report,
-                                settings, startup)
+from lava_sglang.engine import (accounting, admission, decode_admission, forward, long_prompts, parking, pool_alloc,
+                                release, report, settings, startup)
 
-SUBSYSTEMS = (startup, settings, pool_alloc, forward, report, release, accounting, parking, admission, long_prompts)
+SUBSYSTEMS = (startup, settings, pool_alloc, forward, report, release, accounting, parking, admission, long_prompts,
+              decode_admission)
 
 
 def hook_specs():

@@ -36,8 +36,10 @@ import logging
 from typing import Optional
 
 from lava_sglang.engine.chunked import is_chunked, not_chunkwise, peak_bound
-from lava_sglang.engine.settings import request_config
-from lava_sglang.engine.state import REGISTRY
+from lava_sglang.engine.decode_admission import decode_config, remaining, unclipped_max_new
+from lava_sglang.engine.decode_admission import reserve as decode_reserve
+from lava_sglang.engine.settings import request_config, set_request_config
+from lava_sglang.engine.state import REGISTRY, held_by_row
 
 logger = logging.getLogger("lava_sglang")
 
@@ -92,6 +94,25 @@ def lifted_config(req):
     return config if why_not_lifted(req, config) is None else None
 
 
+def rechunkable(req, config) -> bool:
+    """Whether ``req``, prefilled again after a retraction (prompt and output), would be compressed
+    chunk by chunk within its chunked bound: an output longer than the pool is accepted only then."""
+    return why_not_lifted(req, dataclasses.replace(config, prefill_compression="chunked")) is None
+
+
+def rechunk_after_retraction(req) -> bool:
+    """A request compressed during decode is retracted: its re-prefill (prompt and output, which
+    may be longer than the pool) is compressed chunk by chunk when it can be (its settings switch
+    to ``chunked``), else prefilled whole. True when chunk by chunk."""
+    config = _config(req)
+    if config is None or is_chunked(config):
+        return config is not None
+    if not rechunkable(req, config):
+        return False
+    set_request_config(req, dataclasses.replace(config, prefill_compression="chunked"))
+    return True
+
+
 def around_validate_input_length(original, req, max_req_input_len, allow_auto_truncate, *args, **kwargs):
     """The pool part of the length limit, lifted for chunked compression; why not, otherwise."""
     scheduler = REGISTRY.scheduler
@@ -125,35 +146,37 @@ def around_validate_input_length(original, req, max_req_input_len, allow_auto_tr
 
 def around_init_req_max_new_tokens(original, self, req, *args, **kwargs):
     """The output bound of a lifted request: the context length, ``SGLANG_MAX_NEW_TOKENS_LIMIT``,
-    and what the pool holds beside the request's bound; SGLang's otherwise."""
+    and what the pool holds beside the request's bound; of a request compressed during decode
+    whose prefill and decode peak fit the pool: the context length and the limit alone
+    (``decode_admission.unclipped_max_new``); SGLang's otherwise."""
     try:
         setattr(req, _REQUESTED, req.sampling_params.max_new_tokens)
     except AttributeError:
         pass
     config = lifted_config(req)
     n = len(req.origin_input_ids)
-    if config is None or n < int(self.max_req_input_len):
-        return original(self, req, *args, **kwargs)
     requested = req.sampling_params.max_new_tokens
     requested = (1 << 30) if requested is None else int(requested)
-    limit = getattr(self, "max_new_tokens_limit", None)
-    if limit is not None and limit > 0:
-        requested = min(requested, int(limit))
-    room = int(self.max_total_num_tokens) - resident_slots(config, chunk_size(self)) - _MARGIN
-    bound = min(requested, int(self.model_config.context_len) - n - 1, room)
+    decoding = decode_config(req)
+    unclipped = None
+    if decoding is not None and rechunkable(req, decoding):
+        prefill = n if config is None else min(n, resident_slots(config, chunk_size(self)))
+        unclipped = unclipped_max_new(self, req, decoding, prefill, requested)
+    if unclipped is None and (config is None or n < int(self.max_req_input_len)):
+        return original(self, req, *args, **kwargs)
+    if unclipped is not None:
+        bound = unclipped
+    else:
+        limit = getattr(self, "max_new_tokens_limit", None)
+        if limit is not None and limit > 0:
+            requested = min(requested, int(limit))
+        room = int(self.max_total_num_tokens) - resident_slots(config, chunk_size(self)) - _MARGIN
+        bound = min(requested, int(self.model_config.context_len) - n - 1, room)
     # at least one token while one was asked for: the request stays lifted, and validation refuses
     # it by name when the pool cannot hold its bound
     req.sampling_params.max_new_tokens = max(min(requested, 1), bound)
     if req.sampling_params.min_new_tokens > req.sampling_params.max_new_tokens:
         req.sampling_params.min_new_tokens = req.sampling_params.max_new_tokens
-
-
-def _held(req) -> int:
-    """Private slots the request's row holds already: a session's or a parked conversation's
-    compressed history that this turn continues (they are allocated, not admitted again)."""
-    row = req.kv.req_pool_idx
-    state = REGISTRY.compressed.get(int(row)) if row is not None else None
-    return state.kept_slots if state is not None and state.kv is req.kv else 0
 
 
 def _cap_prefix(req, total: int) -> bool:
@@ -178,17 +201,23 @@ def _cap_prefix(req, total: int) -> bool:
 def around_check_prefill_budget(original, self, req, *args, total_tokens=None, extend_input_len=None, **kwargs):
     """Admission of a chunked request on what one chunk needs: its extend and total tokens are
     capped at the chunk, the budget, the window and its output reserve, less what its row holds
-    already, beside its matched prefix."""
+    already, beside its matched prefix. The output reserve of a request compressed during decode
+    is the rest of its decode peak (``decode_admission.reserve``)."""
+    if total_tokens is None or extend_input_len is None:
+        return original(self, req, *args, total_tokens=total_tokens, extend_input_len=extend_input_len, **kwargs)
     config = lifted_config(req)
-    if config is not None and total_tokens is not None and extend_input_len is not None:
-        chunk = chunk_size(REGISTRY.scheduler)
-        if extend_input_len > chunk:
-            reserve = max(0, total_tokens - extend_input_len)  # output reserve and SGLang's overheads
-            need = max(chunk, resident_slots(config, chunk) - _held(req))
-            total_tokens = min(total_tokens, need + reserve)
-            if _cap_prefix(req, total_tokens):
-                return False, None
-            setattr(req, ON_BOUND, True)  # engine.guard holds it to the bound from now on
+    chunk = chunk_size(REGISTRY.scheduler)
+    chunkwise = config is not None and extend_input_len > chunk
+    holds = max(chunk, resident_slots(config, chunk) - held_by_row(req)) if chunkwise else extend_input_len
+    bounded = decode_reserve(req, holds)
+    if bounded is not None:
+        total_tokens -= max(0, remaining(req) - bounded)
+    if chunkwise:
+        reserve = max(0, total_tokens - extend_input_len)  # output reserve and SGLang's overheads
+        total_tokens = min(total_tokens, holds + reserve)
+        if _cap_prefix(req, total_tokens):
+            return False, None
+        setattr(req, ON_BOUND, True)  # engine.guard holds it to the bound from now on
     return original(self, req, *args, total_tokens=total_tokens, extend_input_len=extend_input_len, **kwargs)
 
 
@@ -203,11 +232,11 @@ def around_add_one_req(original, self, req, *args, **kwargs):
     """``PrefillAdder.add_one_req``: without a radix cache SGLang admits ``ignore_eos`` requests
     through ``add_one_req_ignore_eos``, which counts the whole prompt and skips the budget check
     above, and asserts that a chunked request has no prefix (a session turn has one: found by the
-    soak); a lifted request, and one with a prefix, take the ordinary path (its reserve counts its
-    whole output)."""
+    soak); a lifted request, one with a prefix and one compressed during decode take the ordinary
+    path (its reserve counts its whole output, or its decode peak)."""
     sp = req.sampling_params
     if not (sp.ignore_eos and getattr(self.tree_cache, "disable", True)) or (
-            lifted_config(req) is None and int(getattr(req, "prefix_len", 0) or 0) == 0):
+            lifted_config(req) is None and int(getattr(req, "prefix_len", 0) or 0) == 0 and decode_config(req) is None):
         return original(self, req, *args, **kwargs)  # (SGLang's path asserts a request without a prefix)
     sp.ignore_eos = False
     try:

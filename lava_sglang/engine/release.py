@@ -14,7 +14,7 @@ import logging
 
 from lava_sglang.engine.accounting import after_release, session_records
 from lava_sglang.engine.decode_compression import forget as forget_window
-from lava_sglang.engine.long_prompts import lifted_config
+from lava_sglang.engine.long_prompts import lifted_config, rechunk_after_retraction
 from lava_sglang.engine.settings import request_config
 from lava_sglang.engine.state import REGISTRY, owns
 
@@ -83,9 +83,10 @@ def around_release_kv_cache(original, req, tree_cache, *args, **kwargs):
             # cover): it is compressed afresh chunk by chunk, within its bound; nothing is replayed.
             # Selected during decode: the generated tokens' keys were computed over a history that
             # changed at every selection; the re-prefill (prompt and output) is compressed afresh.
+            how = " chunk by chunk" if not decode or rechunk_after_retraction(req) else ", prompt and output whole"
             logger.warning("lava-sglang: request %s (compressed during %s) retracted; its re-prefill is "
                            "compressed again%s, not replayed: its output may differ from a run without "
-                           "retraction", rid, "decode" if decode else "chunked prefill", "" if decode else " chunk by chunk")
+                           "retraction", rid, "decode" if decode else "chunked prefill", how)
         else:
             REGISTRY.remember_retracted(state)
             if state.turns > 1:

@@ -85,6 +85,12 @@ def request_config(req) -> CompressionConfig:
     return config
 
 
+def set_request_config(req, config: CompressionConfig) -> None:
+    """Replace the settings cached on ``req`` (a retracted request compressed during decode is
+    prefilled again chunk by chunk: ``long_prompts.rechunk_after_retraction``)."""
+    setattr(req, _ATTR, config)
+
+
 def should_compress(config: CompressionConfig, prefix_len: int, seq_len: int) -> bool:
     """The one "compress or not" rule (first compression, re-selection of a continued turn, and
     the policies' own selection): ``policies.base.needs_compression``."""

@@ -175,3 +175,23 @@ class Registry:
 
 
 REGISTRY = Registry()
+
+
+def private_slots(req, hi: int) -> int:
+    """The slots ``req``'s row owns past its shared prefix once ``hi`` tokens are in it (a
+    compressed row: its kept slots and what came after its last selection)."""
+    row = int(req.kv.req_pool_idx)
+    state = REGISTRY.compressed.get(row)
+    if state is not None and owns(state, req):
+        return int(state.kept_slots) + max(0, hi - int(state.prompt_len))
+    pending = REGISTRY.pending.get(row)
+    P = pending.prefix_len if pending is not None and owns(pending, req) else int(req.kv.cache_protected_len)
+    return hi - int(P)
+
+
+def held_by_row(req) -> int:
+    """Private slots the request's row holds before it is admitted: a session's or a parked
+    conversation's compressed history that this turn continues (allocated, not admitted again)."""
+    row = req.kv.req_pool_idx
+    state = REGISTRY.compressed.get(int(row)) if row is not None else None
+    return state.kept_slots if state is not None and state.kv is req.kv else 0

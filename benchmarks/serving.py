@@ -1,11 +1,13 @@
 """Serving under memory pressure: the same workload against one server per configuration.
 
     python benchmarks/serving.py [--requests 32] [--prompt-tokens 3000] [--output-tokens 128]
-        [--max-total-tokens 12800] [--concurrency 32] [--rate inf] [--configs none lava:128 lava:256:chunked]
+        [--max-total-tokens 12800] [--concurrency 32] [--rate inf]
+        [--configs none lava:128 lava:256:chunked lava:256:decode=256]
         [--chunked-prefill-size N] [--no-micro] [--corpus DIR] [--quick]
 
-A configuration is ``none``, ``policy:budget``, or ``policy:budget:chunked`` (compressed during
-chunked prefill; every server then gets the same ``--chunked-prefill-size``).
+A configuration is ``none``, ``policy:budget``, ``policy:budget:chunked`` (compressed during
+chunked prefill; every server then gets the same ``--chunked-prefill-size``), or with
+``:decode=N`` (and ``:interval=D``) compressed during decode too.
 
 Every configuration gets a fresh server with the same model, flags and KV pool
 (``--max-total-tokens``) and replays the same requests (same prompts, ``ignore_eos`` outputs of
@@ -40,13 +42,22 @@ OUT = Path(__file__).resolve().parent / "results" / "serving"
 
 
 def parse_config(text: str) -> tuple[str, list[str]]:
-    """``none``, ``policy:budget`` or ``policy:budget:chunked`` (compression during chunked
-    prefill, ``--kv-prefill-compression chunked``)."""
+    """``none``, ``policy:budget``, then any of ``:chunked`` (compression during chunked prefill,
+    ``--kv-prefill-compression chunked``), ``:decode=N`` (compression during decode,
+    ``--kv-decode-budget N``) and ``:interval=D`` (``--kv-decode-interval D``)."""
     if text == "none":
         return "none", ["--kv-policy", "none"]
-    policy, budget, mode = (text.split(":") + ["", ""])[:3]
+    policy, budget, *rest = text.split(":") + [""]
     flags = ["--kv-policy", policy, "--kv-budget", budget or "128"]
-    return text, flags + (["--kv-prefill-compression", mode] if mode else [])
+    for part in filter(None, rest):
+        key, _, value = part.partition("=")
+        if key in ("chunked", "after") and not value:
+            flags += ["--kv-prefill-compression", key]
+        elif key in ("decode", "interval") and value.isdigit():
+            flags += ["--kv-decode-budget" if key == "decode" else "--kv-decode-interval", value]
+        else:
+            raise SystemExit(f"configuration {text!r}: unknown part {part!r} (chunked, after, decode=N, interval=D)")
+    return text, flags
 
 
 def pct(values, q):
@@ -246,6 +257,7 @@ def main(argv=None) -> int:
     p.add_argument("--compression-repeats", type=int, default=3, help="prompts per length (median reported)")
     p.add_argument("--chunked-prefill-size", type=int, default=None, help="every server's (default: SGLang's)")
     p.add_argument("--no-micro", action="store_true", help="skip the decode-step and compression-time measurements")
+    p.add_argument("--core", type=int, default=None, help="pin each server to this core (OMP_NUM_THREADS=1)")
     p.add_argument("--corpus", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true",
@@ -288,7 +300,7 @@ def main(argv=None) -> int:
         if getattr(args, "chunked_prefill_size", None):
             flags += ["--chunked-prefill-size", str(args.chunked_prefill_size)]
         print(f"[serving] {name}: starting server {' '.join(flags)}", flush=True)
-        with Server(model, flags) as server:
+        with Server(model, flags, core=args.core) as server:
             r = run_workload(server, prompts, args)
             r["decode_step_s"] = None if args.no_micro else decode_step_time(server, micro, args.micro_batch)
             if name != "none" and not args.no_micro:

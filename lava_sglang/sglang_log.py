@@ -92,3 +92,35 @@ def peak_usage(batches: list[DecodeBatch], default=None):
 def prefill_batches(log: str) -> list[tuple[int, int, int]]:
     """``(new sequences, new tokens, cached tokens)`` of every prefill batch line."""
     return [tuple(int(x) for x in m.groups()) for m in PREFILL_LINE.finditer(log)]
+
+
+# lava-sglang's own line for each selection made while a request generates (engine.decode_compression)
+DECODE_SELECTED = re.compile(r"decode-selected (\S+) at (\d+) tokens: .*? private slots (\d+) -> (\d+)")
+
+
+def decode_selections(log: str, rid: str, prompt_tokens: int) -> list[tuple[int, int, int]]:
+    """(tokens generated, private slots before, after) of each decode selection of request ``rid``."""
+    return [(int(end) - prompt_tokens, int(a), int(b)) for r, end, a, b in DECODE_SELECTED.findall(log) if r == rid]
+
+
+def slots_trace(start_slots: int, generated: int, selections: list) -> list[list[int]]:
+    """Private slots over generated tokens: ``start_slots`` held when the request began to generate,
+    one more per token, and each selection's drop (``decode_selections``)."""
+    if selections:  # the slots before the first selection fix the start exactly
+        start_slots = selections[0][1] - selections[0][0]
+    points, t, held = [[0, start_slots]], 0, start_slots
+    for at, before, after in selections:
+        points += [[at, before], [at, after]]
+        t, held = at, after
+    return points + [[generated, held + generated - t]]
+
+
+def slots_at(trace: list, tokens: int) -> int:
+    """The private slots of ``slots_trace`` after ``tokens`` generated tokens."""
+    held = trace[0][1]
+    for (t0, s0), (t1, s1) in zip(trace, trace[1:]):
+        if t0 <= tokens <= t1 and t1 > t0:
+            held = s0 + (tokens - t0)
+        elif t1 <= tokens:
+            held = s1
+    return held

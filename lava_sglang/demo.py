@@ -16,7 +16,11 @@ there is no GPU) and a small KV pool, then prints a short report:
    cache, then with the server's LAVa policy, to a pool that fits only ``--pool-requests``
    full-cache requests: peak running requests, pool use and decode steps (the scheduler's own
    decode-batch log lines, ``--decode-log-interval 1``), KV slots per request and wall time.
-3. **A prompt longer than the pool** (``lava_sglang.demo_long``): a passkey in ``--long-tokens``
+3. **A long output** (``lava_sglang.demo_decode``): ``--decode-tokens`` generated after the
+   passkey prompt, compressed after prefill only (slots grow with the output) and during decode
+   too (``--decode-budget`` N, ``--decode-interval`` D: a sawtooth under its bound), with the
+   answer.
+4. **A prompt longer than the pool** (``lava_sglang.demo_long``): a passkey in ``--long-tokens``
    tokens, several times the pool, refused with the full cache and with compression after
    prefill, answered with compression during chunked prefill (``--chunk``-token chunks), with
    the request's peak slots.
@@ -42,6 +46,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from lava_sglang.demo_decode import decode_table, generate_long
 from lava_sglang.demo_long import ask_long, long_table
 from lava_sglang.launch import Server, ServerError, flush_cache, http_json
 from lava_sglang.models import default_model_path
@@ -185,7 +190,8 @@ def plot(data: dict, path: Path) -> str | None:
     full = next(r for r in data["rows"] if r["budget"] is None)
     rows.sort(key=lambda r: r["budget"])
     budgets = [r["budget"] for r in rows]
-    fig, ax = plt.subplots(1, 2 if data.get("burst") else 1, figsize=(12 if data.get("burst") else 7, 4.2), squeeze=False)
+    panels = 1 + bool(data.get("burst")) + bool(data.get("decode"))
+    fig, ax = plt.subplots(1, panels, figsize=(6 * panels if panels > 1 else 7, 4.2), squeeze=False)
     a = ax[0][0]
     a.plot(budgets, [r["slots_held"] for r in rows], color="tab:blue", marker="o", label="LAVa: KV slots held")
     a.axhline(full["slots_held"], color="black", linestyle="--", label=f"full cache: {full['slots_held']} slots, passkey {'right' if full['right'] else 'wrong'}")
@@ -214,6 +220,15 @@ def plot(data: dict, path: Path) -> str | None:
         b.set_xticks(list(xs), names)
         b.set(ylabel="peak running requests", ylim=(0, max(r["requests"] for r in burst) * 1.35),
               title=f"Burst of {burst[0]['requests']} requests, pool of {data['pool_tokens']} tokens")
+    if data.get("decode"):
+        d = ax[0][panels - 1]
+        for r in data["decode"]:
+            xs, ys = zip(*r["trace"])
+            d.plot(xs, ys, label=f"compressed {r['name']}")
+            if r["bound"] is not None:
+                d.axhline(r["bound"], color="gray", linestyle=":", label=f"bound {r['bound']}")
+        d.set(xlabel="generated tokens", ylabel="private KV slots", title="One long output")
+        d.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -236,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--burst-tokens", type=int, default=1000, help="prompt length of each burst request")
     parser.add_argument("--output-tokens", type=int, default=32, help="output tokens of each burst request (ignore_eos)")
     parser.add_argument("--pool-requests", type=int, default=2, help="the KV pool fits this many full-cache burst requests")
+    parser.add_argument("--decode-tokens", type=int, default=400, help="the long output's length (0: no such row)")
+    parser.add_argument("--decode-budget", type=int, default=128, help="its kv_decode_budget N")
+    parser.add_argument("--decode-interval", type=int, default=64, help="its kv_decode_interval D")
     parser.add_argument("--long-tokens", type=int, default=7000, help="the prompt longer than the pool (0: no such row)")
     parser.add_argument("--long-budget", type=int, default=256, help="its budget (kv_budget)")
     parser.add_argument("--chunk", type=int, default=1024, help="the server's --chunked-prefill-size")
@@ -291,6 +309,11 @@ def main(argv: list[str] | None = None) -> int:
                 with steps.step(f"burst of {len(burst)} requests, {name}") as update:
                     data["burst"][name] = run_burst(server, burst, args.output_tokens, custom, update)
                     flush_cache(server.url)
+            if args.decode_tokens:
+                with steps.step(f"{args.decode_tokens} tokens generated after the passkey prompt, without and with "
+                                "compression during decode"):
+                    data["decode"] = generate_long(server, task, args.budget, args.decode_tokens, args.decode_budget,
+                                                   args.decode_interval)
             if args.long_tokens:
                 with steps.step(f"a {args.long_tokens}-token prompt on the {pool}-token pool: full cache, after prefill, chunked"):
                     data["long"] = ask_long(server, long_task, args.long_budget, args.chunk)
@@ -350,6 +373,13 @@ def main(argv: list[str] | None = None) -> int:
         console.print("Running requests, pool use and decode steps: the scheduler's own decode-batch log. The rest of "
                       "the wall time is prefill, the same prompt tokens in both runs: compression shortens decode, "
                       "not prefill.", highlight=False)
+
+    if data.get("decode"):
+        console.print()
+        console.print(decode_table(data["decode"], args.budget, args.decode_budget, args.decode_interval))
+        console.print("Compressed after prefill, the cache grows by one slot per generated token; compressed during "
+                      "decode too, it is selected back to N every D tokens and never holds more than its bound, "
+                      "however long the output.", highlight=False)
 
     if data.get("long"):
         console.print()

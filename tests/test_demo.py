@@ -21,6 +21,7 @@ BUDGETS = (256, 128, 64)
 def test_demo_prints_every_row_and_slots_fall_with_the_budget(tmp_path):
     cmd = [sys.executable, "-m", "lava_sglang.demo", "--budgets", *map(str, BUDGETS), "--tokens", "1000",
            "--burst", "4", "--burst-tokens", "600", "--pool-requests", "2", "--long-tokens", "4000", "--chunk", "512",
+           "--decode-tokens", "200", "--decode-budget", "96", "--decode-interval", "48",
            "--out", str(tmp_path)]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1500)
     out = proc.stdout
@@ -60,6 +61,14 @@ def test_demo_prints_every_row_and_slots_fall_with_the_budget(tmp_path):
     assert "kv_prefill_compression" in after_long["refusal"] and "kv_prefill_compression" not in none_long["refusal"]
     assert chunked_long["status"] == 200 and chunked_long["prompt_tokens"] > 2.5 * data["pool_tokens"], chunked_long
     assert chunked_long["peak_slots"] <= chunked_long["bound"] == 256 + 512 + 32 + 1, chunked_long
+
+    # the long output: a ramp after prefill, a sawtooth under the bound during decode
+    assert "A long output" in out
+    after_out, decode_out = data["decode"]
+    assert after_out["tokens"] == decode_out["tokens"] == 200
+    assert after_out["selections"] == 0 and after_out["trace"][-1][1] == after_out["trace"][0][1] + 200
+    assert decode_out["selections"] >= 2 and decode_out["peak"] <= decode_out["bound"] == 128 + 48 + 1, decode_out
+    assert decode_out["trace"][-1][1] < after_out["trace"][-1][1]
 
     none, lava = data["burst"]["full cache"], data["burst"]["LAVa, budget 128"]
     assert none["requests"] == lava["requests"] == 4

@@ -94,6 +94,11 @@ def parse_args(argv=None):
     p.add_argument("--chunked-share", type=float, default=0.25,
                    help="share of compressed requests with kv_prefill_compression chunked; a quarter of those get a "
                         "prompt longer than the pool")
+    p.add_argument("--decode-share", type=float, default=0.25,
+                   help="share of compressed requests with kv_decode_budget (compressed during decode; outputs up to "
+                        "8x --max-new)")
+    p.add_argument("--beyond-pool-output", type=float, default=0.02,
+                   help="share of those whose output (ignore_eos) is longer than the pool")
     p.add_argument("--context", type=int, default=8192, help="the model's context length (caps those prompts)")
     p.add_argument("--policy", default="lava", help="server --kv-policy")
     p.add_argument("--max-running", type=int, default=0,
@@ -138,7 +143,8 @@ def server_flags(args) -> list[str]:
 
 
 SUMMARY = ("ok", "elapsed_seconds", "requests_sent", "requests_completed", "requests_aborted_by_client",
-           "requests_retracted", "retractions", "requests_compressed", "requests_chunked", "requests_beyond_pool", "sessions", "session_turns",
+           "requests_retracted", "retractions", "requests_compressed", "requests_chunked", "requests_beyond_pool",
+           "requests_decode", "requests_decode_compressed", "requests_output_beyond_pool", "sessions", "session_turns",
            "session_turns_continued", "resend_conversations", "resend_turns", "resend_turns_continued",
            "resend_turns_continued_same_rid", "rejected_400", "rejected_too_long", "requests_edge", "rejected_expected", "exact_checks", "exact_mismatches",
            "retraction_checks", "retraction_mismatches", "errors", "incomplete", "stalled_requests", "max_waited_s",
@@ -203,6 +209,9 @@ def main(argv=None) -> int:
         "resend_turns_continued": c.get("resend_turns_continued", 0),
         "resend_turns_continued_same_rid": c.get("resend_turns_continued_same_rid", 0),
         "requests_chunked": c.get("chunked", 0),
+        "requests_decode": c.get("decode", 0),
+        "requests_decode_compressed": c.get("decode_compressed", 0),
+        "requests_output_beyond_pool": c.get("output_beyond_pool", 0),
         "requests_beyond_pool": c.get("kind_beyond_pool", 0),
         "rejected_400": c.get("rejected_400", 0),
         "rejected_too_long": c.get("rejected_too_long", 0),

@@ -89,6 +89,11 @@ class Soak:
               "ignore_eos": rng.random() < 0.5}
         if custom and custom.pop("kv_primer", False):
             sp["max_new_tokens"] = 0
+        elif custom and custom.get("kv_decode_budget"):  # compressed during decode: longer outputs
+            sp["max_new_tokens"] = rng.randint(1, 8 * self.args.max_new)
+            if rng.random() < self.args.beyond_pool_output:
+                sp["max_new_tokens"], sp["ignore_eos"] = self.args.pool + rng.randint(1, 200), True
+                self.stats.add("output_beyond_pool")
         if custom:
             sp["custom_params"] = custom
         return sp
@@ -104,6 +109,9 @@ class Soak:
             custom["kv_prefill_compression"] = "chunked"  # compressed during chunked prefill
             if edge and rng.random() < 0.3:
                 self.edge_settings(rng, custom)
+        if custom["kv_policy"] != "none" and "kv_window" not in custom and rng.random() < self.args.decode_share:
+            custom["kv_decode_budget"] = rng.choice([64, 96, 128, 256])  # compressed during decode
+            custom["kv_decode_interval"] = rng.choice([32, 64, 128])
         return custom
 
     def edge_settings(self, rng, custom) -> None:
@@ -156,6 +164,8 @@ class Soak:
             kind, ids = "beyond_pool", longer
         if (custom or {}).get("kv_prefill_compression"):
             self.stats.add("chunked")
+        if (custom or {}).get("kv_decode_budget"):
+            self.stats.add("decode")
         edge = any(k in (custom or {}) for k in ("kv_window", "kv_min_prompt_len", "kv_primer"))
         sp = self.sampling(rng, custom)
         expect_400 = longer is not None and self.refused_beyond_pool(custom, sp)
@@ -214,7 +224,8 @@ class Soak:
                 conn.close()
         if self.check_complete(out, sp, f"{kind} {custom} stream={stream}") and not stream:
             meta = out["meta_info"]
-            if meta.get("num_retractions") and meta.get("kv_compression") and "return_logprob" not in payload:
+            if meta.get("num_retractions") and meta.get("kv_compression") and "return_logprob" not in payload \
+                    and not (custom or {}).get("kv_decode_budget"):  # a decode-compressed one is not replayed
                 with s.lock:
                     if len(s.retracted) < 40:
                         s.retracted.append((ids, sp, out["output_ids"]))
@@ -240,6 +251,8 @@ class Soak:
         s.add("completed")
         if meta.get("kv_compression"):
             s.add("compressed")
+            if meta["kv_compression"][0].get("decode_selections"):
+                s.add("decode_compressed")
         if meta.get("num_retractions"):
             s.add("retracted")
             s.add("retractions", int(meta["num_retractions"]))

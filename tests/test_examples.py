@@ -145,9 +145,10 @@ def test_dp_size_2_each_rank_compresses(servers):
 
     results = {}
 
-    def run(i):  # compressed during chunked prefill (256-token chunks): selected twice on its rank
-        results[i] = server.generate(passkey_task(400, seed=70 + i).prompt, max_new_tokens=4,
-                                     sampling_params={"custom_params": {"kv_prefill_compression": "chunked"}})
+    def run(i):  # compressed during chunked prefill (256-token chunks): selected twice on its rank; then during decode
+        results[i] = server.generate(passkey_task(400, seed=70 + i).prompt, max_new_tokens=100, sampling_params={
+            "ignore_eos": True, "custom_params": {"kv_prefill_compression": "chunked", "kv_decode_budget": 64,
+                                                  "kv_decode_interval": 32}})
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
     for t in threads:
@@ -160,6 +161,7 @@ def test_dp_size_2_each_rank_compresses(servers):
         assert report["policy"] == "lava" and report["slots_freed_total"] > 0
         assert report["prefill_compression"] == "chunked" and report["chunk_selections"] == 2, report
         assert report["peak_slots"] <= 128 + 256 + 32 + 1, report
+        assert report["decode_selections"] >= 2 and report["decode_peak_slots"] <= 128 + 32 + 1, report
         ranks.add(out["meta_info"]["dp_rank"])
     assert ranks == {0, 1}  # round robin: one request per rank
     states = server.server_info()["internal_states"]

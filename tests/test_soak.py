@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_short_soak(tmp_path):
     seconds = os.environ.get("LAVA_SOAK_SECONDS", "45")
     cmd = [sys.executable, "-m", "benchmarks.soak", "--seconds", seconds, "--concurrency", "16", "--pool", "2048",
-           "--long", "500", "--max-new", "24", "--out", str(tmp_path)]
+           "--long", "500", "--max-new", "24", "--beyond-pool-output", "0", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     results = sorted(tmp_path.glob("soak-*.json"))
     assert results, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -31,4 +31,5 @@ def test_short_soak(tmp_path):
     assert result["sessions"] > 0 and result["session_turns"] > 0, summary
     assert result["resend_conversations"] > 0 and result["resend_turns"] > 0, summary
     assert result["requests_chunked"] > 0, result["counts"]  # compressed during chunked prefill
+    assert result["requests_decode"] > 0, result["counts"]  # drew a decode budget
     assert result["stalled_requests"] == 0 and result["max_waited_s"] <= result["max_wait_bound_s"], summary

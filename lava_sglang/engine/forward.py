@@ -51,7 +51,7 @@ def around_forward_batch_generation(original, self, batch=None, *args, **kwargs)
             _STEP = None
         if windows and not getattr(step, "bypass", False):
             after_decode(self, step)
-            after_decode_step(self, step)  # the decode bound, enforced
+            after_decode_step(step)  # the decode bound, enforced
         return result
     if not mode.is_extend():
         return original(self, batch, *args, **kwargs)

@@ -53,8 +53,7 @@ def after_chunk(batch) -> None:
     remaining = len(req.full_untruncated_fill_ids) - chunk_hi
     if not next_chunk_overflow(bound, held, chunk, remaining):
         return
-    free = int(scheduler.token_to_kv_pool_allocator.available_size()) + int(scheduler.tree_cache.evictable_size())
-    if free >= min(chunk, remaining):
+    if _room(scheduler) >= min(chunk, remaining):
         # over its bound (chunks SGLang cut short), but the pool holds the next chunk: it goes on,
         # and its next full chunk is selected again
         logger.warning("lava-sglang: request %s holds %d private slots after %d tokens, over its chunked bound %d; "
@@ -64,12 +63,21 @@ def after_chunk(batch) -> None:
                f"(kv_budget {config.budget} + --chunked-prefill-size {chunk} + kv_window {config.window} + 1), and "
                f"its next chunk would exceed it: it holds {held} private slots after {chunk_hi} of "
                f"{chunk_hi + remaining} tokens; aborted")
+    _abort(req, message)
+
+
+def _room(scheduler) -> int:
+    """Slots the pool can still give: free and evictable."""
+    return int(scheduler.token_to_kv_pool_allocator.available_size()) + int(scheduler.tree_cache.evictable_size())
+
+
+def _abort(req, message: str) -> None:
     if abort(req, message):
         TOTALS["bound_aborts"] += 1
         logger.error(message)
 
 
-def after_decode_step(worker, step) -> None:
+def after_decode_step(step) -> None:
     """After a decode forward (and its selections): a request admitted on its decode peak
     (``engine.decode_admission``) that holds more than that peak, while the pool cannot hold the
     batch's next tokens, is aborted alone, with an error naming the bound; with room it goes on
@@ -83,10 +91,7 @@ def after_decode_step(worker, step) -> None:
         if held <= promised:
             continue
         scheduler = REGISTRY.scheduler
-        free = int(worker.model_runner.token_to_kv_pool_allocator.available_size())
-        if scheduler is not None:
-            free += int(scheduler.tree_cache.evictable_size())
-        if free >= len(step.reqs):
+        if scheduler is None or _room(scheduler) >= len(step.reqs):
             if getattr(req, _WARNED, False):
                 continue
             setattr(req, _WARNED, True)
@@ -98,6 +103,4 @@ def after_decode_step(worker, step) -> None:
                    f"(kv_decode_budget {config.decode_budget} + kv_decode_interval {config.decode_interval} + 1, or "
                    f"what it held when it began generating + kv_window {config.window}), and holds {held} after "
                    f"{len(req.output_ids)} generated tokens with the pool full; aborted")
-        if abort(req, message):
-            TOTALS["bound_aborts"] += 1
-            logger.error(message)
+        _abort(req, message)

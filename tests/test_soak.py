@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_short_soak(tmp_path):
-    seconds = os.environ.get("LAVA_SOAK_SECONDS", "45")
+    seconds = os.environ.get("LAVA_SOAK_SECONDS", "35")
     cmd = [sys.executable, "-m", "benchmarks.soak", "--seconds", seconds, "--concurrency", "16", "--pool", "2048",
            "--long", "500", "--max-new", "24", "--beyond-pool-output", "0", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)

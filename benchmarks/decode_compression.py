@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -112,7 +113,8 @@ def main(argv=None) -> int:
     def first_difference(a, b):
         return next((i for i, (x, y) in enumerate(zip(a["output_ids"], b["output_ids"])) if x != y), None)
 
-    result = {"command": "python -m benchmarks.decode_compression " + " ".join(argv or []), "args": vars(args),
+    command = "python -m benchmarks.decode_compression " + " ".join(sys.argv[1:] if argv is None else argv)
+    result = {"command": command, "args": vars(args),
               "runs": runs, "first_divergence": {f"{a['mode']}/{b['mode']}": first_difference(a, b)
                                                  for i, a in enumerate(runs) for b in runs[i + 1:]},
               "bound": max(args.budget, args.decode_budget) + args.interval + 1}

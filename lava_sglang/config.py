@@ -81,6 +81,11 @@ class CompressionConfig:
         "after", str, "after: compress once the whole prompt is prefilled; chunked: re-select after every prefill "
         "chunk (--chunked-prefill-size), so a request holds at most budget + chunk + window + 1 slots while it is "
         "prefilled and prompts longer than the pool can be served.", choices=PREFILL_MODES, what="mode")
+    prefill_working_budget: int = knob(
+        0, int, "Under chunked prefill compression: what the selections made before the prompt is complete keep "
+        "(0: the budget). The last one, scored by the prompt's own window, keeps the budget; a larger working budget "
+        "leaves it more of the early text to choose from, at a higher peak (working budget + chunk + window + 1).",
+        low=0, high=1 << 20)
     park: bool = knob(True, bool, "Park a compressed request's state when it finishes, so a request that resends its "
                       "whole history continues over it and prefills only its new tokens (engine/parking.py).")
     park_max_slots: int = knob(0, int, "Most KV slots parked conversations hold together (0: no cap but the pool; "
@@ -118,6 +123,11 @@ class CompressionConfig:
         return self.policy != "none"
 
     @property
+    def working_budget(self) -> int:
+        """What a chunked request's selections before its prompt is complete keep."""
+        return max(self.budget, self.prefill_working_budget)
+
+    @property
     def scored_budget(self) -> int:
         """Per-(layer, KV head) budget excluding the observation window (``b`` in the papers)."""
         return self.budget - self.window
@@ -136,6 +146,9 @@ class CompressionConfig:
                 f"must be larger than the window ({name('window')} = {self.window}) because the budget "
                 f"counts the window; got {self.budget}",
             )
+        if self.prefill_working_budget and self.prefill_working_budget < self.budget:
+            raise ConfigError(name("prefill_working_budget"), f"must be 0 (the budget) or at least the budget "
+                              f"({name('budget')} = {self.budget}); got {self.prefill_working_budget}")
         if self.decode_budget and self.decode_budget <= self.window:
             raise ConfigError(name("decode_budget"), f"must be 0 (off) or larger than the window ({name('window')} = "
                               f"{self.window}); got {self.decode_budget}")

@@ -233,3 +233,18 @@ def test_parked_conversation_continues_chunk_wise(servers, ids_of):
     assert_continued_chunk_wise(t2)
     server.flush_cache()
     assert_whole(server)
+
+
+def test_a_working_budget_keeps_more_before_the_last_selection(servers, ids_of):
+    """``kv_prefill_working_budget``: the selections before the prompt is complete keep 512 per
+    head, the last one (the prompt's own window) the budget, 128; the peak stays within working
+    budget + chunk + window + 1, and a bad value gets a 400 naming it."""
+    server = servers.config("lava-chunked")
+    ids = ids_of(1200, 27409)
+    out = generate(server, ids, 8, budget=128, prefill_compression="chunked", prefill_working_budget=512)
+    rep = report(out)
+    assert rep["chunk_selections"] >= 2 and rep["private_slots"] <= 128 + 1, rep
+    assert 512 < rep["peak_slots"] <= 512 + CHUNK + 32 + 1, rep
+    status, body = post_generate(server.port, {"input_ids": ids[:100], "sampling_params": {
+        "max_new_tokens": 1, "custom_params": {"kv_budget": 128, "kv_prefill_working_budget": 64}}})
+    assert status == 400 and "kv_prefill_working_budget" in body, body

@@ -21,13 +21,15 @@ ending at ``end``:
   forward, when the private range exceeds the budget.
 
 So a request's private slots while it is prefilled stay within ``budget + chunk + window``
-(plus packing rounding); :func:`note_peak` measures it (``peak_slots`` in the report). The
+(plus packing rounding), with ``budget`` the working budget (``kv_prefill_working_budget``, the
+budget by default) that the selections before the last keep (:func:`selection_config`); :func:`note_peak` measures it (``peak_slots`` in the report). The
 shared prefix (a radix hit) stays uncompressed and outside the budget, as under ``after``.
 No SGLang import.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 from lava_sglang.config import CompressionConfig
@@ -37,6 +39,14 @@ def peak_bound(budget: int, window: int, chunk: int) -> int:
     """What a chunked request's private slots can reach while it is prefilled: its budget, one
     chunk, a window (a last chunk shorter than a full one) and one slot of packing rounding."""
     return budget + chunk + window + 1
+
+
+def selection_config(config: CompressionConfig, final: bool) -> CompressionConfig:
+    """The settings of a chunked selection: a selection before the prompt is complete keeps the
+    working budget (``kv_prefill_working_budget``), the last one the budget."""
+    if final or config.working_budget == config.budget:
+        return config
+    return dataclasses.replace(config, budget=config.working_budget)
 
 
 def is_chunked(config: Optional[CompressionConfig]) -> bool:

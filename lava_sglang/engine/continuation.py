@@ -37,7 +37,7 @@ import torch
 from lava_sglang.engine.accounting import debug_check
 from lava_sglang.engine.cells import pool_cells
 from lava_sglang.engine.chunked import (begin_tally, chunk_report, chunk_target, is_chunked, note_kept, note_peak,
-                                        tally_selection)
+                                        selection_config, tally_selection)
 from lava_sglang.engine.compress import Candidates, make_report, select_and_pack
 from lava_sglang.engine.failures import fail_request, inject
 from lava_sglang.engine.report import META_KEY, attach, count_selection, record
@@ -193,6 +193,8 @@ def _aim_chunk(state: CompressedRequest, req, config, chunk_lo: int, chunk_hi: i
     """Chunked prefill compression (``engine.chunked``): the selection this prompt chunk feeds."""
     target = chunk_target(config, chunk_lo, chunk_hi, turn_end)
     pend = state.reselect
+    if target is not None:
+        config = selection_config(config, final=target >= turn_end)
     if target is None or not should_compress(config, state.prefix_len, target):
         if pend is not None and pend.prompt_len != turn_end:
             state.reselect = None
@@ -200,6 +202,8 @@ def _aim_chunk(state: CompressedRequest, req, config, chunk_lo: int, chunk_hi: i
     if pend is None or pend.prompt_len != target:
         state.reselect = PendingRequest(rid=req.rid, row=state.row, config=config, prefix_len=state.prefix_len,
                                         prompt_len=target, owner=state.owner)
+    else:
+        pend.config = config
 
 
 def finish_turn(worker, req, state: CompressedRequest, chunk_hi: int, elapsed: float) -> None:

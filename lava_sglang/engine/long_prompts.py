@@ -68,7 +68,7 @@ def chunk_size(scheduler) -> int:
 
 def resident_slots(config, chunk: int) -> int:
     """What a chunked request's own slots can reach while it is prefilled (``chunked.peak_bound``)."""
-    return peak_bound(config.budget, config.window, chunk)
+    return peak_bound(config.working_budget, config.window, chunk)
 
 
 def _session(req) -> bool:

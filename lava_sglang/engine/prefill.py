@@ -15,7 +15,7 @@ from typing import Optional
 
 from lava_sglang.engine.accounting import debug_check
 from lava_sglang.engine.chunked import (begin_tally, chunk_report, chunk_target, is_chunked, note_kept, note_peak,
-                                        tally_selection)
+                                        selection_config, tally_selection)
 from lava_sglang.engine.compress import compress_request
 from lava_sglang.engine.continuation import continued_state, finish_turn
 from lava_sglang.engine.failures import fail_request, inject
@@ -38,16 +38,21 @@ def _choose(req, prefix_len_in_row: int) -> Optional[PendingRequest]:
     session = getattr(req, "session", None)
     if max_new is not None and max_new <= 0 and not getattr(session, "streaming", False):
         return None  # prefix primers seed shared prefixes: never compressed (a session's context turn is)
-    prompt_len = len(req.origin_input_ids)
-    if config.decode_budget and req.output_ids:
-        # Prefilled again after a retraction while it compressed during decode: what it generated
-        # is prefilled with its prompt and compressed with it (engine.decode_compression).
-        prompt_len = len(req.full_untruncated_fill_ids)
+    prompt_len = _selected_end(req, config)
     P = int(req.kv.cache_protected_len)
     if not should_compress(config, P, prompt_len) or P > prefix_len_in_row:
         return None
     return PendingRequest(rid=req.rid, row=int(req.kv.req_pool_idx), config=config, prefix_len=P, prompt_len=prompt_len,
                           owner=owner_ref(req))
+
+
+def _selected_end(req, config) -> int:
+    """Where a request's first compression ends: its prompt; prefilled again after a retraction
+    while it compressed during decode, its prompt and what it generated (compressed with it,
+    engine.decode_compression)."""
+    if config.decode_budget and req.output_ids:
+        return len(req.full_untruncated_fill_ids)
+    return len(req.origin_input_ids)
 
 
 def _replay_or_choose(req, prefix_len_in_row: int) -> Optional[PendingRequest]:
@@ -130,8 +135,9 @@ def prepare_extend(batch, req_to_token, space):
                 entries.append(uncompressed_entry(row, prompt_hi, prompt_hi - chunk_lo, offset))
         else:
             if pending is not None and pending.replay is None:
-                if is_chunked(pending.config):
-                    _aim(pending, chunk_lo, chunk_hi, len(req.origin_input_ids))
+                config = request_config(req)
+                if is_chunked(config):
+                    _aim(pending, config, chunk_lo, chunk_hi, _selected_end(req, config))
                 cap = _window_capture(pending, offset, chunk_lo, chunk_hi)
                 if cap is not None:
                     captures.append(cap)
@@ -157,10 +163,12 @@ def prepare_extend(batch, req_to_token, space):
     return ExtendStep(captures, plan)
 
 
-def _aim(pending, chunk_lo: int, chunk_hi: int, end: int) -> None:
+def _aim(pending, config, chunk_lo: int, chunk_hi: int, end: int) -> None:
     """Chunked prefill compression (``engine.chunked``): the range a not yet compressed request's
-    next selection covers, whose window this chunk captures."""
-    target = chunk_target(pending.config, chunk_lo, chunk_hi, end) or end
+    next selection covers, whose window this chunk captures, and its settings (the working budget
+    before the last)."""
+    target = chunk_target(config, chunk_lo, chunk_hi, end) or end
+    pending.config = selection_config(config, final=target >= end)
     if target != pending.prompt_len:
         pending.prompt_len = target
         pending.queries = []
@@ -220,10 +228,11 @@ def finish_extend(worker, batch, elapsed: float) -> None:
         if pending.replay is None:
             state.report.update(peak_slots=pending.peak_slots, prefill_trace=pending.prefill_trace)
         if is_chunked(pending.config):
+            mid_prompt = chunk_hi < _selected_end(req, request_config(req))
             begin_tally(state, pending.peak_slots, pending.prefill_seconds, pending.prefill_trace)
-            tally_selection(state, state.report, mid_prompt=chunk_hi < len(req.origin_input_ids))
+            tally_selection(state, state.report, mid_prompt=mid_prompt)
             state.report.update(chunk_report(state))
-            if chunk_hi < len(req.origin_input_ids):
+            if mid_prompt:
                 count_selection(state.report)
                 debug_check(worker)
                 continue  # a chunk of the prompt: the rest continues over the layout (engine.chunked)

@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--burst-tokens", type=int, default=1000, help="prompt length of each burst request")
     parser.add_argument("--output-tokens", type=int, default=32, help="output tokens of each burst request (ignore_eos)")
     parser.add_argument("--pool-requests", type=int, default=2, help="the KV pool fits this many full-cache burst requests")
-    parser.add_argument("--decode-tokens", type=int, default=400, help="the long output's length (0: no such row)")
+    parser.add_argument("--decode-tokens", type=int, default=300, help="the long output's length (0: no such row)")
     parser.add_argument("--decode-budget", type=int, default=128, help="its kv_decode_budget N")
     parser.add_argument("--decode-interval", type=int, default=64, help="its kv_decode_interval D")
     parser.add_argument("--long-tokens", type=int, default=7000, help="the prompt longer than the pool (0: no such row)")

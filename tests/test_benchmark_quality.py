@@ -311,3 +311,74 @@ def test_quick_run_writes_results(tmp_path, model_path):
     for png in ("quality.png", "quality_tasks.png"):
         data = (tmp_path / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    # --decode-compression (on under --quick): none, lava@64 after, lava@64 N=64 (D=32) on the shared server
+    decode = json.loads((tmp_path / "decode.json").read_text())
+    dc = decode["config"]
+    assert decode["complete"] and dc["decode_budgets"] == [64] and dc["interval"] == 32 and dc["samples"] == 2
+    assert list(decode["runs"]) == ["none", "lava@64", "lava@64 N=64"]
+    assert len(decode["runs"]["none"]["records"]) == 2 * len(dc["tasks"]) and decode["sanity"]["fidelity"]["passed"]
+    for key, run in decode["runs"].items():
+        assert run["records"] and all(r["output_tokens"] > 0 and 0 <= r["distinct4"] <= 1 for r in run["records"])
+        for r in run["records"]:
+            rep = r["kv_compression"]
+            if key == "none":
+                assert rep is None
+            elif r["task"] != "loops":  # (a chat prompt shorter than the budget is not compressed)
+                # the radix cache was flushed after `none`: the whole prompt was compressed
+                assert rep and not rep["shared_prefix_tokens"] and rep["private_slots"] <= 64, rep
+            if key == "lava@64 N=64" and r["task"] == "fidelity":  # 200-token prompt, 40 tokens out: selected at 32
+                assert rep["decode_selections"] >= 1 and rep["decode_peak_slots"] <= 64 + 32 + 1, rep
+    fid = decode["summary"]["lava@64 N=64"]["fidelity"]
+    assert fid["token_match"]["n"] == 2 and 0 <= fid["token_match"]["mean"] <= 1 and fid["token_match_vs_after"]["n"] == 2
+    assert "## The full cache on each task" in (tmp_path / "decode.md").read_text()
+
+
+def test_decode_scores():
+    from benchmarks.quality_bench.decode import plan, spread
+    from benchmarks.quality_bench.decode_tasks import copy_score, distinct_ngrams, lcs_length
+
+    assert lcs_length([1, 2, 3, 4], [1, 9, 3, 4, 2]) == 3
+    assert copy_score([1, 2, 3, 4], [1, 2, 3, 4, 5]) == 1.0 and copy_score([1, 2, 3, 4], [4, 3]) == 0.25
+    assert distinct_ngrams([1, 2, 3, 4, 5]) == 1.0 and distinct_ngrams([1, 2] * 10) == 2 / 17
+    s = spread([1.0, 2.0, 3.0])
+    assert s["n"] == 3 and s["mean"] == 2.0 and s["std"] == 1.0 and s["ci95"] == pytest.approx(4.303 / 3 ** 0.5)
+    keys = [k for k, _ in plan(["none", "lava"], 512, [128, 256], 128)]
+    assert keys == ["none", "lava@512", "lava@512 N=128", "lava@512 N=256"]
+    assert dict(plan(["lava"], 512, [128], 64))["lava@512 N=128"] == {
+        "kv_policy": "lava", "kv_budget": 512, "kv_decode_budget": 128, "kv_decode_interval": 64}
+
+
+def test_decode_study_without_servers(tmp_path, monkeypatch, tokenizer):
+    """--decode-compression only: one per-request server, the radix cache flushed before every
+    configuration, decode.json / decode.md written, --resume runs only what is missing."""
+    import benchmarks.quality as q
+    from benchmarks.quality_bench import decode_tasks
+
+    _fake_hf(monkeypatch)
+    flushed = []
+    monkeypatch.setattr(_FakeServer, "flush_cache", lambda self: flushed.append(1), raising=False)
+    monkeypatch.setattr(decode_tasks, "make_loops", lambda seed, tok, n: decode_tasks.LongSample("loops", seed, f"essay {seed}", n, True))
+    argv = ["--decode-compression", "only", "--policies", "none", "snapkv", "lava", "--decode-budgets", "64",
+            "--decode-interval", "32", "--decode-prompt-budget", "64", "--decode-samples", "2", "--decode-output-tokens",
+            "40", "--decode-prompt-tokens", "200", "--copy-tokens", "48", "--out", str(tmp_path)]
+    assert q.main(argv) == 0
+    assert len(_FakeServer.started) == 1 and len(flushed) == 5
+    result = json.loads((tmp_path / "decode.json").read_text())
+    assert result["complete"] and not (tmp_path / "quality.json").exists()
+    assert list(result["runs"]) == ["none", "snapkv@64", "snapkv@64 N=64", "lava@64", "lava@64 N=64"]
+    assert result["runs"]["lava@64 N=64"]["custom_params"] == {"kv_policy": "lava", "kv_budget": 64,
+                                                                "kv_decode_budget": 64, "kv_decode_interval": 32}
+    none = result["summary"]["none"]
+    assert none["fidelity"]["token_match"]["mean"] == 1.0 and none["loops"]["distinct4"]["n"] == 2
+    assert 0 <= none["copy"]["copy"]["mean"] <= 1
+    lava = result["summary"]["lava@64 N=64"]["fidelity"]
+    assert lava["token_match"]["n"] == lava["token_match_vs_after"]["n"] == lava["first_divergence"]["n"] == 2
+    assert set(result["sanity"]) == {"copy", "fidelity", "loops"} and result["sanity"]["fidelity"]["passed"]
+    # the fake copies nothing: copy fails the full-cache check and no compressed configuration runs it
+    assert not result["sanity"]["copy"]["passed"] and result["sanity"]["loops"]["passed"]
+    assert {r["task"] for r in result["runs"]["lava@64 N=64"]["records"]} == {"fidelity", "loops"}
+    assert "lava@64 N=64 vs lava@64" in result["paired"] and "lava@64 vs snapkv@64" in result["paired"]
+    md = (tmp_path / "decode.md").read_text()
+    assert "## The full cache on each task" in md and "| none (full cache) |" in md
+    assert q.main(argv + ["--resume"]) == 0 and len(flushed) == 5  # nothing left to run: no server started
+    assert len(_FakeServer.started) == 1 and json.loads((tmp_path / "decode.json").read_text())["runs"] == result["runs"]

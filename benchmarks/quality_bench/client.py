@@ -24,6 +24,7 @@ class RemoteServer:
     generate = Server.generate
     open_session = Server.open_session
     close_session = Server.close_session
+    flush_cache = Server.flush_cache
 
     def __init__(self, url: str):
         self.url = url.rstrip("/")

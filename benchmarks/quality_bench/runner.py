@@ -28,7 +28,7 @@ class QualityRun:
     how to add the missing ones. ``args`` are the parsed (and ``--quick``-adjusted) flags."""
 
     def __init__(self, args, protocols: list[str], model_path: str, tok, samples: list, corpus_dir, fid_dir,
-                 command: str, started: float, out_dir: Path):
+                 command: str, started: float, out_dir: Path, decode=None):
         self.args, self.protocols, self.model_path, self.tok, self.samples = args, protocols, model_path, tok, samples
         self.corpus_dir, self.fid_dir, self.command, self.started, self.out_dir = (corpus_dir, fid_dir, command,
                                                                                    started, out_dir)
@@ -42,6 +42,7 @@ class QualityRun:
         self.complete = False
         self.shared: dict = {}  # the --per-request server ("server") and its flags ("flags")
         self.merged_from: list = []
+        self.decode = decode  # the compression-during-decode study (--decode-compression), a DecodeStudy
 
     # --- earlier runs -------------------------------------------------------------------------
     def merge(self, sources: list[Path], error) -> None:
@@ -187,7 +188,7 @@ class QualityRun:
             t0 = time.time()
             base = self.base_flags + ["--kv-policy", "lava", "--kv-budget", str(max(self.args.budgets))]
             print(f"[quality] shared server (per-request settings): {' '.join(base)}", flush=True)
-            self.shared["server"] = Server(self.model_path, base)
+            self.shared["server"] = Server(self.model_path, base, core=self.args.core)
             self.shared["server"].start()
             self.shared["flags"] = base
             print(f"[quality]   up in {time.time() - t0:.0f} s", flush=True)
@@ -211,7 +212,7 @@ class QualityRun:
                                 self.shared["flags"], custom)
         t0 = time.time()
         print(f"[quality] server {', '.join(keys.values())}: {' '.join(flags)}", flush=True)
-        server = Server(self.model_path, flags)
+        server = Server(self.model_path, flags, core=self.args.core)
         try:  # not ``with``: an interrupt during start-up must stop the server too
             server.start()
             started_in = time.time() - t0
@@ -231,29 +232,40 @@ class QualityRun:
         kv = info.get("kv_compression") or {}
         policy, budget = kv.get("kv_policy", "none"), kv.get("kv_budget")
         keys = {protocol: run_key(policy, budget, protocol) for protocol in self.protocols}
-        self.runs.update(self.as_runs(self.serve(RemoteServer(url), keys, policy, None, self.samples), policy, budget, []))
+        if args.decode_compression != "only":
+            self.runs.update(self.as_runs(self.serve(RemoteServer(url), keys, policy, None, self.samples), policy, budget, []))
+        if self.decode is not None:  # every setting per request: the server must have a policy
+            self.decode.run(lambda: (RemoteServer(url), []))
         args.policies, args.budgets = [policy], ([budget] if budget and policy != "none" else args.budgets)
 
     def run_all(self) -> None:
         """None first (the reference), then budget by budget in the order given, every policy; then
         the reference check. Results are saved after every run; runs already done (--resume,
         --merge) are skipped. The query-aware none always runs: it is the fidelity reference of
-        both protocols."""
+        both protocols. Then the decode study (``--decode-compression``; alone with ``only``)."""
         args = self.args
         try:
-            for policy, budget in [("none", None)] + [(p, b) for b in args.budgets for p in args.policies if p != "none"]:
-                if policy not in args.policies:
-                    continue
-                wanted = set(self.protocols) - ({CHUNKED} if policy == "none" else set())  # none: nothing to chunk
-                wanted = sorted(wanted | ({"query-aware"} if policy == "none" else set()), key=ORDER.index)
-                keys = {pr: run_key(policy, budget, pr) for pr in wanted if run_key(policy, budget, pr) not in self.runs}
-                if keys:
-                    self.runs.update(self.server_run(keys, policy, budget))
-                    self.save()
-            self.reference_check()
+            if args.decode_compression != "only":
+                self.prompt_runs()
+            if self.decode is not None:  # on the per-request server (started here when nothing else ran)
+                self.decode.run(lambda: (self.shared_server(), self.shared["flags"]))
         finally:
             if "server" in self.shared:
                 self.shared["server"].stop()
+
+    def prompt_runs(self) -> None:
+        """Every policy and budget of the prompt-compression benchmark, then the reference check."""
+        args = self.args
+        for policy, budget in [("none", None)] + [(p, b) for b in args.budgets for p in args.policies if p != "none"]:
+            if policy not in args.policies:
+                continue
+            wanted = set(self.protocols) - ({CHUNKED} if policy == "none" else set())  # none: nothing to chunk
+            wanted = sorted(wanted | ({"query-aware"} if policy == "none" else set()), key=ORDER.index)
+            keys = {pr: run_key(policy, budget, pr) for pr in wanted if run_key(policy, budget, pr) not in self.runs}
+            if keys:
+                self.runs.update(self.server_run(keys, policy, budget))
+                self.save()
+        self.reference_check()
 
     def reference_check(self) -> None:
         """HF + kvpress on the reference samples, then our server with ``--kv-pooling avg`` on them."""

@@ -67,7 +67,13 @@ def start_slots(req, config) -> int:
         return held_by_row(req) + L - P
     if req.kv.req_pool_idx is not None:  # a chunk of a prompt whose row is allocated: P is its shared prefix
         P = int(req.kv.cache_protected_len)
-    return min(L - P, config.budget + 1) if should_compress(config, P, L) else L - P
+    return _kept_after_prefill(config, P, L, L - P)
+
+
+def _kept_after_prefill(config, P: int, L: int, private: int) -> int:
+    """Private slots kept once a prompt of ``L`` tokens (``P`` shared) is prefilled: its budget
+    plus one of packing rounding when it is compressed, else ``private``."""
+    return min(private, config.budget + 1) if should_compress(config, P, L) else private
 
 
 def remaining(req) -> int:
@@ -108,7 +114,7 @@ def unclipped_max_new(scheduler, req, config, prefill_slots: int, requested: int
     and peak fit the pool: the context length and ``SGLANG_MAX_NEW_TOKENS_LIMIT`` bound it, not
     the pool; None when they do not fit (SGLang's clip stands)."""
     n = len(req.origin_input_ids)
-    start = min(prefill_slots, config.budget + 1) if should_compress(config, 0, n) else prefill_slots
+    start = _kept_after_prefill(config, 0, n, prefill_slots)
     if max(prefill_slots, peak(config, start)) + 2 > int(scheduler.max_total_num_tokens):
         return None
     limit = getattr(scheduler, "max_new_tokens_limit", None)
